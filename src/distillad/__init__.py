@@ -1,0 +1,9 @@
+"""distillad: unsupervised visual anomaly detection by knowledge distillation, on anomalib.
+
+The models are anomalib ``AnomalibModule`` classes, usable from anomalib's ``Engine`` and CLI
+(``anomalib train --model distillad.RD ...``) and from the ``distillad`` command.
+"""
+
+from distillad.models.rd import RD
+
+__all__ = ["RD"]

@@ -1,0 +1,170 @@
+"""The ``distillad`` command: fit, test and predict with knowledge-distillation anomaly detectors.
+
+Errors a user can fix print one line (``distillad: error: ...``) and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+from pathlib import Path
+
+from distillad.errors import DistilladError
+
+DEFAULT_BACKBONE = "tf_efficientnet_lite0"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        msg = f"must be a positive integer, got {text}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _image_size(text: str) -> int:
+    value = int(text)
+    if value < 32 or value % 32:
+        msg = f"must be a multiple of 32 and at least 32 (the encoders downsample by 32), got {text}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _option(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        msg = f"expected KEY=VALUE, got '{text}'"
+        raise argparse.ArgumentTypeError(msg)
+    key, raw = text.split("=", 1)
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    return key.strip().replace("-", "_"), value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for documentation and tests)."""
+    from distillad.models.registry import MODELS
+
+    parser = argparse.ArgumentParser(prog="distillad", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    fit = commands.add_parser("fit", help="train a model on normal images, then test it on the test split",
+                              description="Train on a category's normal images, calibrate the decision threshold "
+                                          "on held-out normal images, test, and write the run directory.")
+    fit.add_argument("--model", default="rd", choices=sorted(MODELS), help="method to train (default: rd)")
+    source = fit.add_argument_group("data (MVTec layout: --root and --category; or a plain folder: --normal-dir)")
+    source.add_argument("--root", type=Path, help="dataset root in MVTec layout (ROOT/CATEGORY/train/good, ...)")
+    source.add_argument("--category", help="category folder under --root")
+    source.add_argument("--normal-dir", type=Path, help="folder of normal training images (instead of --root)")
+    source.add_argument("--abnormal-dir", type=Path, help="folder of anomalous test images (with --normal-dir)")
+    source.add_argument("--mask-dir", type=Path, help="masks for --abnormal-dir, paired by stem (<stem>_mask.png)")
+    source.add_argument("--normal-test-dir", type=Path, help="folder of normal test images (with --normal-dir)")
+    fit.add_argument("--preset", choices=["paper"], help="'paper': the paper's backbone, image size and epochs")
+    fit.add_argument("--backbone", help=f"timm encoder name (default: {DEFAULT_BACKBONE}, works offline)")
+    fit.add_argument("--weights", type=Path, help="explicit encoder weights file (state_dict)")
+    fit.add_argument("--no-pretrained", action="store_true", help="random encoder weights (for comparisons only)")
+    fit.add_argument("--image-size", type=_image_size, help="square input size in pixels (default: 256)")
+    fit.add_argument("--epochs", type=_positive_int, help="training epochs (default: 10)")
+    fit.add_argument("--batch-size", type=_positive_int, help="training and evaluation batch size (default: 16)")
+    fit.add_argument("--seed", type=int, default=0, help="random seed; runs are deterministic on CPU (default: 0)")
+    fit.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes (default: 0)")
+    fit.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                     help="model option, repeatable (e.g. --option lr=0.001); 'distillad models' lists them")
+    fit.add_argument("--train-limit", type=_positive_int, help="use only this many training images (quick runs)")
+    fit.add_argument("--test-limit", type=_positive_int, help="use only this many test images (quick runs)")
+    fit.add_argument("--out", type=Path, default=Path("runs/latest"), help="run directory (default: runs/latest)")
+    fit.add_argument("--resume", action="store_true", help="continue from RUN/checkpoints/last.ckpt if present")
+    fit.add_argument("--no-heatmaps", action="store_true", help="do not write heatmap overlays of test images")
+
+    test = commands.add_parser("test", help="re-evaluate a saved run on its test split")
+    test.add_argument("--run", type=Path, required=True, help="run directory written by 'distillad fit'")
+    test.add_argument("--no-heatmaps", action="store_true", help="do not write heatmap overlays")
+
+    predict = commands.add_parser("predict", help="score images with a trained run",
+                                  description="Writes OUT/predictions.csv (path, score, is_anomalous, error) and "
+                                              "OUT/heatmaps/*.png. is_anomalous uses the threshold calibrated at fit "
+                                              "time (99th percentile of held-out normal scores).")
+    predict.add_argument("--run", type=Path, required=True, help="run directory written by 'distillad fit'")
+    predict.add_argument("--input", type=Path, nargs="+", required=True, help="image files and/or folders")
+    predict.add_argument("--out", type=Path, required=True, help="output folder")
+    predict.add_argument("--batch-size", type=_positive_int, default=16, help="images per batch (default: 16)")
+    predict.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes (default: 0)")
+
+    commands.add_parser("models", help="list models and their options")
+    return parser
+
+
+def _fit_config(args: argparse.Namespace):  # noqa: ANN202
+    from distillad.models.registry import MODELS
+    from distillad.pipeline import RunConfig
+
+    if args.normal_dir is not None:
+        if args.root is not None:
+            raise DistilladError("give either --root/--category or --normal-dir, not both")
+        data = {"kind": "folder", "normal_dir": str(args.normal_dir),
+                **{key: str(value) for key in ("abnormal_dir", "mask_dir", "normal_test_dir")
+                   if (value := getattr(args, key)) is not None}}
+    elif args.root is not None and args.category:
+        data = {"kind": "mvtec", "root": str(args.root), "category": args.category}
+    else:
+        raise DistilladError("no data given; pass --root DIR --category NAME (MVTec layout) or --normal-dir DIR")
+    preset = MODELS[args.model].paper if args.preset == "paper" else {}
+    return RunConfig(
+        model=args.model,
+        model_options=dict(args.option),
+        data=data,
+        backbone=args.backbone or preset.get("backbone", DEFAULT_BACKBONE),
+        pretrained=not args.no_pretrained,
+        weights=str(args.weights) if args.weights else None,
+        image_size=args.image_size or preset.get("image_size", 256),
+        epochs=args.epochs or preset.get("epochs", 10),
+        batch_size=args.batch_size or preset.get("batch_size", 16),
+        seed=args.seed,
+        num_workers=args.num_workers,
+    )
+
+
+def _list_models() -> None:
+    from distillad.models.registry import MODELS, get_model_class, model_options
+
+    for name in sorted(MODELS):
+        options = model_options(get_model_class(name))
+        print(f"{name}: " + ", ".join(f"{key}={param.default!r}" for key, param in options.items()))
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    from distillad import pipeline
+
+    if args.command == "fit":
+        metrics = pipeline.fit(_fit_config(args), args.out, resume=args.resume, train_limit=args.train_limit,
+                               test_limit=args.test_limit, heatmaps=not args.no_heatmaps)
+        print(json.dumps(metrics, indent=2))
+        print(f"run written to {args.out}")
+    elif args.command == "test":
+        print(json.dumps(pipeline.test(args.run, heatmaps=not args.no_heatmaps), indent=2))
+    elif args.command == "predict":
+        rows = pipeline.predict(args.run, args.input, args.out, args.batch_size, args.num_workers)
+        flagged = sum(1 for row in rows if row["is_anomalous"] == 1)
+        failed = sum(1 for row in rows if row["error"])
+        print(f"{len(rows)} images, {flagged} anomalous, {failed} unreadable; see {args.out / 'predictions.csv'}")
+    else:
+        _list_models()
+    return 0
+
+
+def main() -> None:
+    """Console entry point: one-line errors instead of tracebacks for user mistakes."""
+    try:
+        sys.exit(run())
+    except DistilladError as error:
+        print(f"distillad: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("distillad: interrupted; rerun 'distillad fit' with the same --out and --resume to continue",
+              file=sys.stderr)
+        sys.exit(130)

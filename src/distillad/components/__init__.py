@@ -1,0 +1,18 @@
+"""Building blocks shared by several methods (RD, DSKD, AAND, DMDD)."""
+
+from distillad.components.blocks import BlockFamily, UpsamplingResidualBlock, block_family, residual_stage
+from distillad.components.bottleneck import OneClassBottleneck
+from distillad.components.decoder import MirrorDecoder
+from distillad.components.distance import MultiScaleAnomalyMap, cosine_distance_map, flattened_cosine_distance
+
+__all__ = [
+    "BlockFamily",
+    "MirrorDecoder",
+    "MultiScaleAnomalyMap",
+    "OneClassBottleneck",
+    "UpsamplingResidualBlock",
+    "block_family",
+    "cosine_distance_map",
+    "flattened_cosine_distance",
+    "residual_stage",
+]

@@ -1,0 +1,188 @@
+"""Sample tables: which image belongs to which split, its label and its mask.
+
+The builders return an anomalib-style :class:`pandas.DataFrame` with the columns
+
+``image_path`` (str), ``label`` (str), ``label_index`` (int: 0 normal, 1 abnormal), ``mask_path``
+(str, ``""`` when there is none) and ``split`` (``"train"`` / ``"test"``),
+
+sorted by split and path, with ``df.attrs["task"]`` set to ``"segmentation"`` when every abnormal
+image has a mask and to ``"classification"`` when none has.
+
+Unlike anomalib's readers they accept every suffix in :data:`IMAGE_EXTENSIONS`, silently skip
+files that are not images (``.txt``, ``Thumbs.db``, hidden files), pair a mask with its image by
+*exact* stem (``<stem>_mask.<ext>`` or ``<stem>.<ext>``), fail with a one-line
+:class:`DistilladError` when a defective image has no mask, and never download anything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from anomalib.data.utils import LabelName
+
+from distillad.data.io import IMAGE_EXTENSIONS, is_image_file
+from distillad.errors import DistilladError
+
+SAMPLE_COLUMNS = ("image_path", "label", "label_index", "mask_path", "split")
+"""Columns of every sample table."""
+
+_EXTENSIONS_HINT = "/".join(IMAGE_EXTENSIONS)
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly inside ``folder`` (not recursive), sorted; other files are ignored."""
+    return sorted(path for path in folder.iterdir() if path.is_file() and is_image_file(path))
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    """Visible subfolders of ``folder``, sorted by name."""
+    return sorted(path for path in folder.iterdir() if path.is_dir() and not path.name.startswith("."))
+
+
+def _pair_masks(images: list[Path], mask_dir: Path) -> list[str]:
+    """Mask path of every image in ``images``, looked up in ``mask_dir`` by exact stem.
+
+    The mask of ``<stem>.<ext>`` is ``<stem>_mask.<any ext>``, else ``<stem>.<any ext>``; stems are
+    compared exactly (``x_1087`` never matches ``x_10871_mask``).
+
+    Raises:
+        DistilladError: If an image has no mask, or several files (different suffixes) could be its mask.
+    """
+    by_stem: dict[str, list[Path]] = {}
+    for path in list_images(mask_dir) if mask_dir.is_dir() else []:
+        by_stem.setdefault(path.stem, []).append(path)
+    masks = []
+    for image in images:
+        candidates = by_stem.get(f"{image.stem}_mask") or by_stem.get(image.stem) or []
+        if len(candidates) > 1:
+            names = ", ".join(path.name for path in candidates)
+            raise DistilladError(f"ambiguous masks for image {image}: {names} in {mask_dir}; keep only one of them")
+        if not candidates:
+            raise DistilladError(
+                f"no mask for defective image {image}: expected {mask_dir / (image.stem + '_mask')}."
+                f"<{_EXTENSIONS_HINT}> (or {image.stem}.<ext>); add the mask or remove the image"
+            )
+        masks.append(str(candidates[0]))
+    return masks
+
+
+def _rows(images: list[Path], label: str, label_index: int, split: str, masks: list[str] | None = None) -> list[dict]:
+    """Table rows for ``images``, one per image."""
+    masks = masks if masks is not None else [""] * len(images)
+    return [
+        {"image_path": str(image), "label": label, "label_index": int(label_index), "mask_path": mask, "split": split}
+        for image, mask in zip(images, masks, strict=True)
+    ]
+
+
+def _table(rows: list[dict]) -> pd.DataFrame:
+    """Assemble rows into a sorted sample table and record the task in ``attrs``."""
+    samples = pd.DataFrame(rows, columns=list(SAMPLE_COLUMNS))
+    samples["label_index"] = samples["label_index"].astype("int64")
+    samples = samples.sort_values(["split", "image_path"], ignore_index=True)
+    abnormal = samples[samples.label_index == LabelName.ABNORMAL]
+    has_masks = len(abnormal) > 0 and bool((abnormal.mask_path != "").all())
+    samples.attrs["task"] = "segmentation" if has_masks else "classification"
+    return samples
+
+
+def _train_images(folder: Path) -> list[Path]:
+    """Images of the training folder, or a one-line error when there are none."""
+    images = list_images(folder) if folder.is_dir() else []
+    if not images:
+        raise DistilladError(
+            f"empty train set: no images ({_EXTENSIONS_HINT}) in {folder}; put defect-free training images there"
+        )
+    return images
+
+
+def mvtec_samples(root: str | Path, category: str) -> pd.DataFrame:
+    """Sample table of one category in the MVTec AD layout.
+
+    Layout::
+
+        root/category/train/good/*                     normal training images
+        root/category/test/good/*                      normal test images
+        root/category/test/<defect>/*                  defective test images
+        root/category/ground_truth/<defect>/<stem>_mask.<ext>   (or <stem>.<ext>) their masks
+
+    ``label`` is the test subfolder name (``"good"`` for normal images). Without a ``ground_truth``
+    folder the table is for classification; with one, every defective image must have its mask. A
+    category without a ``test`` folder yields a train-only table.
+
+    Raises:
+        DistilladError: If ``root`` or the category is missing, the train set is empty, or a defective
+            image has no mask although the category has a ``ground_truth`` folder.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DistilladError(f"dataset root {root} does not exist; pass the folder that contains the category folders")
+    category_dir = root / category
+    if not category_dir.is_dir():
+        available = ", ".join(path.name for path in _subfolders(root)) or "none"
+        raise DistilladError(f"category {category!r} not found in {root} (available: {available}); pick one of those")
+
+    rows = _rows(_train_images(category_dir / "train" / "good"), "good", LabelName.NORMAL, "train")
+    test_dir = category_dir / "test"
+    ground_truth = category_dir / "ground_truth"
+    for defect_dir in _subfolders(test_dir) if test_dir.is_dir() else []:
+        images = list_images(defect_dir)
+        if defect_dir.name == "good":
+            rows += _rows(images, "good", LabelName.NORMAL, "test")
+            continue
+        masks = _pair_masks(images, ground_truth / defect_dir.name) if ground_truth.is_dir() else None
+        rows += _rows(images, defect_dir.name, LabelName.ABNORMAL, "test", masks)
+    return _table(rows)
+
+
+def _existing_dir(folder: str | Path, option: str) -> Path:
+    """``folder`` as a Path, or a one-line error naming ``option`` when it is not a directory."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DistilladError(f"{option} {folder} does not exist; pass an existing folder of images")
+    return folder
+
+
+def _nonempty_images(folder: Path, option: str) -> list[Path]:
+    """Images of ``folder``, or a one-line error naming ``option`` when there are none."""
+    images = list_images(folder)
+    if not images:
+        raise DistilladError(f"{option} {folder} holds no images ({_EXTENSIONS_HINT}); add images or drop the option")
+    return images
+
+
+def folder_samples(
+    normal_dir: str | Path,
+    abnormal_dir: str | Path | None = None,
+    mask_dir: str | Path | None = None,
+    normal_test_dir: str | Path | None = None,
+) -> pd.DataFrame:
+    """Sample table from plain folders of images.
+
+    Args:
+        normal_dir: Normal (defect-free) images; all of them form the training split.
+        abnormal_dir: Abnormal images; test split, ``label`` ``"abnormal"``.
+        mask_dir: Masks of the abnormal images, paired by exact stem (``<stem>_mask.<ext>`` or
+            ``<stem>.<ext>``); every abnormal image must have one.
+        normal_test_dir: Normal images for the test split, ``label`` ``"normal"``. Without it the test
+            split holds only abnormal images: nothing of ``normal_dir`` is moved to test, so image-level
+            metrics need this folder.
+
+    Raises:
+        DistilladError: If a given folder is missing or holds no images, ``mask_dir`` comes without
+            ``abnormal_dir``, or an abnormal image has no mask.
+    """
+    rows = _rows(_train_images(_existing_dir(normal_dir, "normal_dir")), "normal", LabelName.NORMAL, "train")
+    if mask_dir is not None and abnormal_dir is None:
+        raise DistilladError(f"mask_dir {mask_dir} was given without abnormal_dir; pass abnormal_dir or drop mask_dir")
+    if abnormal_dir is not None:
+        images = _nonempty_images(_existing_dir(abnormal_dir, "abnormal_dir"), "abnormal_dir")
+        masks = None
+        if mask_dir is not None:
+            masks = _pair_masks(images, _existing_dir(mask_dir, "mask_dir"))
+        rows += _rows(images, "abnormal", LabelName.ABNORMAL, "test", masks)
+    if normal_test_dir is not None:
+        images = _nonempty_images(_existing_dir(normal_test_dir, "normal_test_dir"), "normal_test_dir")
+        rows += _rows(images, "normal", LabelName.NORMAL, "test")
+    return _table(rows)

@@ -1,0 +1,77 @@
+"""What every distillad AnomalibModule shares: input handling, evaluation and trainer settings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from anomalib import LearningType
+from anomalib.data import Batch
+from anomalib.metrics import AUPRO, Evaluator
+from anomalib.pre_processing import PreProcessor
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import nn
+from torchvision.transforms.v2 import Resize
+
+from distillad.metrics import RawScoreAUROC
+
+
+class DistillationModule:
+    """Mixin for distillad's AnomalibModules (placed before ``AnomalibModule`` in the bases).
+
+    - The pre-processor only resizes: encoders normalise inside the model (``StagedEncoder.normalize``),
+      so anomaly synthesis works in plain [0, 1] image space and exported models need no pre-step.
+    - The default evaluator ranks raw scores (:class:`~distillad.metrics.RawScoreAUROC`) instead of
+      anomalib's sigmoid-squashing AUROC.
+    - The torch model lives in ``self.model`` and returns an ``InferenceBatch`` in eval mode.
+    """
+
+    model: nn.Module
+
+    @staticmethod
+    def resolve_pre_processor(pre_processor: nn.Module | bool, image_size: tuple[int, int]) -> nn.Module | bool:
+        """Turn ``True`` into a resize-only pre-processor for ``image_size``."""
+        if pre_processor is True:
+            return PreProcessor(transform=Resize(tuple(image_size), antialias=True))
+        return pre_processor
+
+    @staticmethod
+    def configure_evaluator() -> Evaluator:
+        """Image and pixel AUROC on raw scores, and AUPRO (FPR limit 0.3)."""
+        return Evaluator(test_metrics=[
+            RawScoreAUROC(fields=["pred_score", "gt_label"], prefix="image_"),
+            RawScoreAUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
+            AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False, fpr_limit=0.3),
+        ])
+
+    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:  # noqa: ANN002, ANN003
+        """Predict the held-out batch; the post-processor collects normalisation statistics from it."""
+        del args, kwargs
+        return batch.update(**self.model(batch.image)._asdict())
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        return {"gradient_clip_val": 0, "num_sanity_val_steps": 0}
+
+    @property
+    def learning_type(self) -> LearningType:
+        return LearningType.ONE_CLASS
+
+
+def frozen(module: nn.Module) -> nn.Module:
+    """Freeze ``module`` (no gradients) and put it in eval mode; see :func:`keep_frozen_in_eval`."""
+    module.requires_grad_(False)
+    return module.eval()
+
+
+def keep_frozen_in_eval(model: nn.Module, mode: bool, frozen_modules: list[nn.Module]) -> None:
+    """Apply ``model.train(mode)`` but keep frozen teachers in eval mode (BatchNorm statistics fixed)."""
+    nn.Module.train(model, mode)
+    for module in frozen_modules:
+        module.eval()
+
+
+def image_score(anomaly_map: torch.Tensor) -> torch.Tensor:
+    """Image-level score = the anomaly map's maximum (RD Sec. 3.4, DSKD Eq. 8, AAND Eq. 14)."""
+    return anomaly_map.flatten(1).amax(dim=1)
+

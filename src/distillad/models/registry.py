@@ -1,0 +1,51 @@
+"""Model registry: CLI names -> AnomalibModule classes, plus the papers' presets.
+
+A method registers itself with :func:`register`; the CLI and benchmarks look names up here instead
+of branching on them. Import is lazy so that ``distillad --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass, field
+
+from distillad.errors import DistilladError
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """Where a model class lives and its paper settings (the ``paper`` preset)."""
+
+    target: str
+    paper: dict = field(default_factory=dict)
+
+    def load(self) -> type:
+        module_name, class_name = self.target.split(":")
+        return getattr(importlib.import_module(module_name), class_name)
+
+
+MODELS: dict[str, ModelEntry] = {
+    "rd": ModelEntry("distillad.models.rd:RD",
+                     paper={"backbone": "wide_resnet50_2", "image_size": 256, "epochs": 200, "batch_size": 16}),
+}
+
+
+def register(name: str, entry: ModelEntry) -> None:
+    """Add a model under ``name``."""
+    MODELS[name] = entry
+
+
+def get_model_class(name: str) -> type:
+    """The AnomalibModule class registered as ``name``."""
+    if name not in MODELS:
+        msg = f"unknown model '{name}'; choose one of: {', '.join(sorted(MODELS))}"
+        raise DistilladError(msg)
+    return MODELS[name].load()
+
+
+def model_options(model_class: type) -> dict[str, inspect.Parameter]:
+    """Constructor options a user may set with ``--option KEY=VALUE``."""
+    managed = {"self", "pre_processor", "post_processor", "evaluator", "visualizer", "backbone", "pretrained",
+               "weights", "image_size"}
+    return {name: p for name, p in inspect.signature(model_class.__init__).parameters.items() if name not in managed}

@@ -1,0 +1,49 @@
+"""Anomaly synthesis: Perlin masks, texture sources, foregrounds (GrabCut / threshold) and their cache.
+
+DRAEM-style synthetic anomalies restricted to the object's foreground, as used by DMDD (Sec. 3.4.1,
+Foreground-aware Anomaly Synthesis) and AAND (pseudo-anomaly masks = Perlin mask intersected with a
+grayscale-threshold foreground). See DESIGN.md "Anomaly synthesis".
+"""
+
+from distillad.synthesis.foreground import (
+    FOREGROUND_MODES,
+    MAX_FRACTION,
+    MIN_FRACTION,
+    ForegroundCache,
+    compute_foreground,
+    grabcut_foreground,
+    threshold_foreground,
+    to_uint8_rgb,
+    whole_image,
+)
+from distillad.synthesis.perlin import perlin_mask, perlin_noise, random_ellipse_mask
+from distillad.synthesis.synthesizer import AnomalySynthesizer, SynthesisResult
+from distillad.synthesis.textures import (
+    PROCEDURAL_TEXTURES,
+    BuiltinTextures,
+    FolderTextures,
+    TextureSource,
+    make_texture_source,
+)
+
+__all__ = [
+    "FOREGROUND_MODES",
+    "MAX_FRACTION",
+    "MIN_FRACTION",
+    "PROCEDURAL_TEXTURES",
+    "AnomalySynthesizer",
+    "BuiltinTextures",
+    "FolderTextures",
+    "ForegroundCache",
+    "SynthesisResult",
+    "TextureSource",
+    "compute_foreground",
+    "grabcut_foreground",
+    "make_texture_source",
+    "perlin_mask",
+    "perlin_noise",
+    "random_ellipse_mask",
+    "threshold_foreground",
+    "to_uint8_rgb",
+    "whole_image",
+]
