@@ -4,6 +4,8 @@ The models are anomalib ``AnomalibModule`` classes, usable from anomalib's ``Eng
 (``anomalib train --model distillad.RD ...``) and from the ``distillad`` command.
 """
 
+from distillad.models.aand import AAND
+from distillad.models.dmdd import DMDD
 from distillad.models.rd import RD
 
-__all__ = ["RD"]
+__all__ = ["AAND", "DMDD", "RD"]

@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _fit_config(args: argparse.Namespace):  # noqa: ANN202
+def _fit_config(args: argparse.Namespace):
     from distillad.models.registry import MODELS
     from distillad.pipeline import RunConfig
 

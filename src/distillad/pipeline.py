@@ -97,7 +97,7 @@ def versions() -> dict:
             "lightning": lightning.__version__, "timm": timm.__version__, "python": platform.python_version()}
 
 
-def build_datamodule(config: RunConfig, train_limit: int | None = None, test_limit: int | None = None):  # noqa: ANN201
+def build_datamodule(config: RunConfig, train_limit: int | None = None, test_limit: int | None = None):
     """The datamodule described by ``config.data`` (``kind`` ``mvtec`` or ``folder``)."""
     data = dict(config.data)
     kind = data.pop("kind")
@@ -263,7 +263,7 @@ def fit(config: RunConfig, run_dir: Path, resume: bool = False, train_limit: int
 
 
 def test(run_dir: Path, model: torch.nn.Module | None = None, config: RunConfig | None = None,
-         datamodule=None, heatmaps: bool = True) -> dict:  # noqa: ANN001
+         datamodule=None, heatmaps: bool = True) -> dict:
     """Evaluate a run on its test split; writes metrics.json, test_scores.csv and heatmaps."""
     run_dir = Path(run_dir)
     if model is None:

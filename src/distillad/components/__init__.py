@@ -3,7 +3,13 @@
 from distillad.components.blocks import BlockFamily, UpsamplingResidualBlock, block_family, residual_stage
 from distillad.components.bottleneck import OneClassBottleneck
 from distillad.components.decoder import MirrorDecoder
-from distillad.components.distance import MultiScaleAnomalyMap, cosine_distance_map, flattened_cosine_distance
+from distillad.components.distance import (
+    MultiScaleAnomalyMap,
+    cosine_distance_map,
+    flattened_cosine_distance,
+    gaussian_smoothing,
+    upsampled_sum,
+)
 
 __all__ = [
     "BlockFamily",
@@ -14,5 +20,7 @@ __all__ = [
     "block_family",
     "cosine_distance_map",
     "flattened_cosine_distance",
+    "gaussian_smoothing",
     "residual_stage",
+    "upsampled_sum",
 ]

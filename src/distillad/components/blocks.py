@@ -95,5 +95,5 @@ class UpsamplingResidualBlock(nn.Module):
         )
         self.activation = nn.ReLU(inplace=True)
 
-    def forward(self, features):  # noqa: ANN001, ANN201 - nn.Module signature
+    def forward(self, features):
         return self.activation(self.body(features) + self.shortcut(features))

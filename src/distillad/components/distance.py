@@ -21,6 +21,19 @@ def flattened_cosine_distance(teacher: torch.Tensor, student: torch.Tensor) -> t
     return 1 - F.cosine_similarity(teacher.flatten(1), student.flatten(1), dim=1)
 
 
+def gaussian_smoothing(sigma: float = 4.0) -> nn.Module:
+    """A Gaussian filter of standard deviation ``sigma`` pixels (kernel 2*round(4 sigma)+1); identity for 0."""
+    if sigma <= 0:
+        return nn.Identity()
+    kernel = 2 * int(4.0 * sigma + 0.5) + 1
+    return GaussianBlur2d(kernel_size=(kernel, kernel), sigma=(sigma, sigma))
+
+
+def upsampled_sum(maps: list[torch.Tensor], image_size: tuple[int, int]) -> torch.Tensor:
+    """Sum of (B, 1, h_i, w_i) maps after bilinear upsampling to ``image_size``."""
+    return sum(F.interpolate(m, size=image_size, mode="bilinear", align_corners=False) for m in maps)
+
+
 class MultiScaleAnomalyMap(nn.Module):
     """Sum of per-level cosine-distance maps upsampled to the image size, then Gaussian smoothing.
 
@@ -33,14 +46,10 @@ class MultiScaleAnomalyMap(nn.Module):
 
     def __init__(self, sigma: float = 4.0) -> None:
         super().__init__()
-        kernel = 2 * int(4.0 * sigma + 0.5) + 1
-        self.blur = GaussianBlur2d(kernel_size=(kernel, kernel), sigma=(sigma, sigma)) if sigma > 0 else nn.Identity()
+        self.blur = gaussian_smoothing(sigma)
 
     def forward(self, teacher: list[torch.Tensor], student: list[torch.Tensor],
                 image_size: tuple[int, int]) -> torch.Tensor:
         """Return the smoothed (B, 1, H, W) anomaly map for paired feature lists."""
-        total = 0
-        for teacher_features, student_features in zip(teacher, student):
-            distance = cosine_distance_map(teacher_features, student_features)
-            total = total + F.interpolate(distance, size=image_size, mode="bilinear", align_corners=False)
-        return self.blur(total)
+        distances = [cosine_distance_map(t, s) for t, s in zip(teacher, student)]
+        return self.blur(upsampled_sum(distances, image_size))

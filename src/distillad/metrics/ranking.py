@@ -61,7 +61,7 @@ class _RawScoreAUROC(Metric):
     higher_is_better = True
     full_state_update = False
 
-    def __init__(self, **kwargs) -> None:  # noqa: ANN003 - torchmetrics keyword arguments
+    def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.add_state("preds", default=[], dist_reduce_fx="cat")
         self.add_state("target", default=[], dist_reduce_fx="cat")

@@ -44,7 +44,7 @@ class DistillationModule:
             AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False, fpr_limit=0.3),
         ])
 
-    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:  # noqa: ANN002, ANN003
+    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Predict the held-out batch; the post-processor collects normalisation statistics from it."""
         del args, kwargs
         return batch.update(**self.model(batch.image)._asdict())

@@ -26,8 +26,12 @@ class ModelEntry:
 
 
 MODELS: dict[str, ModelEntry] = {
+    "aand": ModelEntry("distillad.models.aand:AAND",
+                       paper={"backbone": "wide_resnet50_2", "image_size": 256, "epochs": 220, "batch_size": 16}),
     "rd": ModelEntry("distillad.models.rd:RD",
                      paper={"backbone": "wide_resnet50_2", "image_size": 256, "epochs": 200, "batch_size": 16}),
+    "dmdd": ModelEntry("distillad.models.dmdd:DMDD",
+                       paper={"backbone": "wide_resnet50_2", "image_size": 256, "epochs": 200, "batch_size": 16}),
 }
 
 

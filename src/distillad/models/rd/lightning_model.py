@@ -65,7 +65,7 @@ class RD(DistillationModule, AnomalibModule):
         params = [*self.model.bottleneck.parameters(), *self.model.decoder.parameters()]
         return optim.Adam(params, lr=self.hparams.lr, betas=tuple(self.hparams.betas))
 
-    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:  # noqa: ANN002, ANN003
+    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         del args, kwargs
         loss = self.loss(*self.model(batch.image))
         self.log("train_loss", loss, on_epoch=True, prog_bar=True, batch_size=len(batch.image))

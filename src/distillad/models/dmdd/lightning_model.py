@@ -1,0 +1,176 @@
+"""DMDD as an anomalib module: student epochs of dual-modeling distillation, each followed by an MSN epoch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from anomalib.data import Batch
+from anomalib.metrics import Evaluator
+from anomalib.models.components import AnomalibModule
+from anomalib.post_processing import PostProcessor
+from anomalib.visualization import Visualizer
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import nn, optim
+from tqdm.auto import tqdm
+
+from distillad.models.base import DistillationModule
+from distillad.models.dmdd.loss import AbnormalityInverseMimickingLoss, NormalityGuidanceLoss, SegmentationLoss
+from distillad.models.dmdd.torch_model import DMDDModel
+from distillad.synthesis import AnomalySynthesizer
+
+
+class SegmentationEpoch(Callback):
+    """Train the MSN at the end of every student epoch (Sec. 3.1), before the epoch's checkpoint is written
+    (Lightning runs checkpoint callbacks last), so a resumed run has both parts of every finished epoch."""
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        pl_module.train_segmentation_epoch()
+
+
+class DMDD(DistillationModule, AnomalibModule):
+    """Dual-Modeling Decouple Distillation (Liu et al., ACM MM 2024).
+
+    Each training step synthesises an anomalous twin I_a^n of every normal image I^n (DRAEM-style
+    Perlin anomalies over the whole image) and updates the decoupled student and PMN with
+    L_NGM + L_AIM (Eq. 2 + Eq. 3, equal weights: the paper gives none). At the end of every epoch the
+    teacher and student are frozen and the MSN is trained for one pass over the training images on
+    normal / foreground-aware synthetic pairs with L_seg (Eq. 5).
+
+    Switches (Tables 4 and 5): ``branches`` (``"both"``, ``"normality"``, ``"abnormality"``),
+    ``pmn_inner``, ``pmn_outer``, ``msn``, ``fas`` (GrabCut foreground for MSN synthesis; off = whole
+    image), ``pyramid_upsampling``, ``multi_perception``.
+
+    Args:
+        backbone: timm encoder (the paper: ``wide_resnet50_2``; default ``tf_efficientnet_lite0`` works offline).
+        pretrained: Pretrained teacher and student initialisation.
+        weights: Explicit encoder weights file.
+        image_size: Input size (256 in the paper).
+        lr: Adam learning rate of the student and PMN (0.005 in the paper).
+        msn_lr: Adam learning rate of the MSN (the paper names one learning rate, 0.005, used here too).
+        top_k: Pixels averaged into the score (100).
+        texture_dir: DTD-style texture folder for synthesis; without it a built-in source is used.
+        seed: Seed of the anomaly synthesisers.
+        sigma: Gaussian smoothing of the summed map when ``msn=False``.
+        pre_processor, post_processor, evaluator, visualizer: anomalib components or flags.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "tf_efficientnet_lite0",
+        pretrained: bool = True,
+        weights: str | Path | None = None,
+        image_size: tuple[int, int] = (256, 256),
+        branches: str = "both",
+        pmn_inner: bool = True,
+        pmn_outer: bool = True,
+        msn: bool = True,
+        fas: bool = True,
+        pyramid_upsampling: bool = True,
+        multi_perception: bool = True,
+        lr: float = 0.005,
+        msn_lr: float = 0.005,
+        top_k: int = 100,
+        texture_dir: str | Path | None = None,
+        seed: int = 0,
+        sigma: float = 4.0,
+        pre_processor: nn.Module | bool = True,
+        post_processor: PostProcessor | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        super().__init__(
+            pre_processor=self.resolve_pre_processor(pre_processor, image_size),
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+        )
+        self.save_hyperparameters(ignore=["pre_processor", "post_processor", "evaluator", "visualizer"])
+        self.automatic_optimization = False
+        self.model = DMDDModel(backbone, pretrained=pretrained, weights=weights, image_size=tuple(image_size),
+                               branches=branches, pmn_inner=pmn_inner, pmn_outer=pmn_outer, msn=msn,
+                               pyramid_upsampling=pyramid_upsampling, multi_perception=multi_perception,
+                               top_k=top_k, sigma=sigma)
+        self.ngm_loss = NormalityGuidanceLoss()
+        self.aim_loss = AbnormalityInverseMimickingLoss()
+        self.segmentation_loss = SegmentationLoss()
+        self.synthesizer = AnomalySynthesizer(foreground="none", texture_dir=texture_dir, seed=seed)
+        self.fas_synthesizer = AnomalySynthesizer(foreground="grabcut" if fas else "none", texture_dir=texture_dir,
+                                                  seed=seed + 1)
+
+    def configure_optimizers(self) -> list[optim.Optimizer]:
+        student = [*self.model.student.parameters(), *self.model.pmn.parameters()]
+        optimizers = [optim.Adam(student, lr=self.hparams.lr)]
+        if self.model.msn is not None:
+            optimizers.append(optim.Adam(self.model.msn.parameters(), lr=self.hparams.msn_lr))
+        return optimizers
+
+    def configure_callbacks(self) -> list[Callback]:
+        callbacks = super().configure_callbacks()
+        callbacks = list(callbacks) if isinstance(callbacks, list | tuple) else [callbacks]
+        return [*callbacks, SegmentationEpoch()] if self.model.msn is not None else callbacks
+
+    def _optimizer(self, index: int) -> optim.Optimizer:
+        optimizers = self.optimizers()
+        return optimizers[index] if isinstance(optimizers, list) else optimizers
+
+    def distillation_losses(self, normal: torch.Tensor, anomalous: torch.Tensor,
+                            masks: torch.Tensor) -> dict[str, torch.Tensor]:
+        """L_NGM and L_AIM for a batch of normal images, their anomalous twins and the twins' masks."""
+        pair = torch.cat([normal, anomalous])
+        teacher = self.model.teacher_features(pair)
+        student = self.model.student_features(pair)
+        batch = len(normal)
+        losses = {}
+        if "normality" in student:
+            losses["ngm"] = self.ngm_loss([t[:batch] for t in teacher], [s[:batch] for s in student["normality"]],
+                                          [s[batch:] for s in student["normality"]])
+        if "abnormality" in student:
+            pair_masks = torch.cat([torch.zeros_like(masks), masks])
+            losses["aim"] = self.aim_loss(teacher, student["abnormality"], pair_masks)
+        return losses
+
+    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """One dual-modeling distillation step (Sec. 3.3) on normal / synthetic-anomalous pairs."""
+        del args, kwargs
+        normal, anomalous, masks = self.synthesizer(batch.image, keys=batch.image_path)
+        losses = self.distillation_losses(normal, anomalous, masks)
+        loss = sum(losses.values())
+        optimizer = self._optimizer(0)
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+        size = len(batch.image)
+        for name, value in losses.items():
+            self.log(f"train_{name}_loss", value, on_epoch=True, on_step=False, batch_size=size)
+        self.log("train_loss", loss, on_epoch=True, prog_bar=True, batch_size=size)
+        return {"loss": loss.detach()}
+
+    def train_segmentation_epoch(self) -> float:
+        """One pass of MSN training (Sec. 3.4) over the training images with teacher and student frozen."""
+        optimizer = self._optimizer(1)
+        self.model.student.eval()
+        self.model.pmn.eval()
+        self.model.msn.train()
+        transform = self.pre_processor.transform if self.pre_processor else None
+        total, count = 0.0, 0
+        for batch in tqdm(self.trainer.train_dataloader, desc="MSN epoch", leave=False, unit="batch"):
+            images = batch.image.to(self.device)
+            images = transform(images) if transform is not None else images
+            normal, anomalous, masks = self.fas_synthesizer(images, keys=batch.image_path)
+            pair = torch.cat([normal, anomalous])
+            pair_masks = torch.cat([torch.zeros_like(masks), masks])
+            with torch.no_grad():
+                maps = self.model.distance_maps(pair)
+            logits, score = self.model.segment(maps, pair.shape[-2:])
+            loss = self.segmentation_loss(logits, score, pair_masks)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total, count = total + float(loss), count + 1
+        self.model.student.train()
+        self.model.pmn.train()
+        mean_loss = total / max(count, 1)
+        self.log("train_seg_loss", mean_loss)
+        return mean_loss

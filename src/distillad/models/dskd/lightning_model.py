@@ -1,0 +1,160 @@
+"""DSKD as an anomalib module."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+from anomalib.data import AnomalibDataModule, Batch
+from anomalib.metrics import Evaluator
+from anomalib.models.components import AnomalibModule
+from anomalib.post_processing import PostProcessor
+from anomalib.visualization import Visualizer
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import nn, optim
+
+from distillad.models.base import DistillationModule
+from distillad.models.dskd.loss import LOSS_TYPES, DualStudentLoss
+from distillad.models.dskd.torch_model import DSKDModel
+
+
+def standardization_loaders(datamodule: AnomalibDataModule) -> list[Iterable[Batch]]:
+    """Where Eq. 8's statistics come from: the validation split when there is one, then the training images.
+
+    The validation loader comes first (held-out images, S^v in the paper); the training loader (S^t) is
+    the fallback used when the validation split is missing or holds no normal image.
+    """
+    loaders = []
+    val_data = getattr(datamodule, "val_data", None)
+    if val_data is not None and len(val_data) > 0:
+        loaders.append(datamodule.val_dataloader())
+    loaders.append(datamodule.train_dataloader())
+    return loaders
+
+
+class DSKD(DistillationModule, AnomalibModule):
+    """Dual-student contextual affinity distillation (Zhang, Suganuma & Okatani, WACV 2024).
+
+    A local student (RD, per-pixel cosine loss) and a global student (OCBE_glo + GCCB + decoder,
+    contextual affinity loss) reconstruct a frozen teacher's stage 1-3 features; their score maps are
+    standardised with statistics of held-out normal images and added (Eq. 8). See
+    :class:`~distillad.models.dskd.torch_model.DSKDModel` for the architecture.
+
+    Paper defaults: Adam lr 0.005, betas (0.5, 0.999), both students trained together, g = 1024, T = 1,
+    256 px, 200 epochs, batch 16, WideResNet-50-2 (any timm encoder here; ``tf_efficientnet_lite0``
+    works offline).
+
+    Switches (ablations): ``local_loss`` / ``global_loss`` in ``"pixel"`` (Pi) / ``"affinity"`` (CA) /
+    ``None`` (student off) reproduce Tables 4-5; ``gccb`` and ``gccb_channels`` Table 6; ``temperature``
+    Fig. 6.
+
+    Eq. 8's statistics are computed at the end of training (:meth:`on_train_end`) from the normal images
+    of the trainer's datamodule, validation split first, training images otherwise
+    (:func:`standardization_loaders`); images labelled anomalous are skipped. They live in buffers and
+    are saved in checkpoints. A model trained without a datamodule (plain dataloaders) uses the training
+    dataloader.
+
+    Args:
+        backbone: timm encoder name (``wide_resnet50_2`` is the paper's).
+        pretrained: Pretrained teacher (never silently random).
+        weights: Explicit teacher weights file.
+        image_size: Input size (H, W).
+        lr: Adam learning rate.
+        betas: Adam betas.
+        local_loss: Local student's loss: ``"pixel"`` (paper), ``"affinity"`` or ``None``.
+        global_loss: Global student's loss: ``"affinity"`` (paper), ``"pixel"`` or ``None``.
+        gccb: Use the global context condensing block.
+        gccb_channels: GCCB width g (1024 in the paper); the stage-4 width means no 1x1 convs.
+        temperature: Softmax temperature T of the contextual affinity (1 in the paper).
+        sigma: Gaussian smoothing of the fused map.
+        chunk_rows: Rows per chunk of the contextual affinity (memory only; 512 keeps 256 px, batch 16
+            well inside 24 GB on a CPU).
+        pre_processor, post_processor, evaluator, visualizer: anomalib components or flags.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "tf_efficientnet_lite0",
+        pretrained: bool = True,
+        weights: str | Path | None = None,
+        image_size: tuple[int, int] = (256, 256),
+        lr: float = 0.005,
+        betas: tuple[float, float] = (0.5, 0.999),
+        local_loss: str | None = "pixel",
+        global_loss: str | None = "affinity",
+        gccb: bool = True,
+        gccb_channels: int = 1024,
+        temperature: float = 1.0,
+        sigma: float = 4.0,
+        chunk_rows: int = 512,
+        pre_processor: nn.Module | bool = True,
+        post_processor: PostProcessor | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        for name, value in (("local_loss", local_loss), ("global_loss", global_loss)):
+            if value is not None and value not in LOSS_TYPES:
+                msg = f"{name} must be 'pixel', 'affinity' or None, got {value!r}"
+                raise ValueError(msg)
+        if local_loss is None and global_loss is None:
+            msg = "local_loss and global_loss are both None; keep at least one student"
+            raise ValueError(msg)
+        if temperature <= 0 or gccb_channels < 1 or chunk_rows < 1:
+            msg = (f"temperature must be > 0, gccb_channels and chunk_rows >= 1; got temperature={temperature}, "
+                   f"gccb_channels={gccb_channels}, chunk_rows={chunk_rows}")
+            raise ValueError(msg)
+        super().__init__(
+            pre_processor=self.resolve_pre_processor(pre_processor, image_size),
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+        )
+        self.save_hyperparameters(ignore=["pre_processor", "post_processor", "evaluator", "visualizer"])
+        self.model = DSKDModel(backbone, pretrained=pretrained, weights=weights, local_loss=local_loss,
+                               global_loss=global_loss, gccb=gccb, gccb_channels=gccb_channels,
+                               temperature=temperature, sigma=sigma, chunk_rows=chunk_rows)
+        self.loss = DualStudentLoss({name: student.loss_type for name, student in self.model.students.items()},
+                                    temperature=temperature, chunk_rows=chunk_rows)
+
+    def configure_optimizers(self) -> optim.Optimizer:
+        return optim.Adam(self.model.students.parameters(), lr=self.hparams.lr, betas=tuple(self.hparams.betas))
+
+    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        del args, kwargs
+        loss = self.loss(*self.model(batch.image))
+        self.log("train_loss", loss, on_epoch=True, prog_bar=True, batch_size=len(batch.image))
+        return {"loss": loss}
+
+    def _normal_images(self, loader: Iterable[Batch]) -> Iterator[torch.Tensor]:
+        """Pre-processed images of the normal samples (``gt_label == 0``) of ``loader``, on the model's device."""
+        transform = self.pre_processor.transform if isinstance(self.pre_processor, nn.Module) else None
+        for batch in loader:
+            images = batch.image if transform is None else transform(batch.image)
+            if batch.gt_label is not None:
+                images = images[batch.gt_label.to(images.device) == 0]
+            yield images.to(self.device)
+
+    def fit_standardization(self, loaders: Sequence[Iterable[Batch]]) -> int:
+        """Fit Eq. 8's mu/sigma on the normal images of the first loader that has any; returns their number.
+
+        Samples with ``gt_label`` 1 are skipped (an anomalib validation split taken from the test set holds
+        anomalous images); a batch without labels counts as normal (training batches).
+        """
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for loader in loaders:
+                count = self.model.fit_standardization(self._normal_images(loader))
+                if count:
+                    return count
+            msg = "no normal images in the validation or training data for DSKD's score standardisation (Eq. 8)"
+            raise ValueError(msg)
+        finally:
+            self.model.train(was_training)
+
+    def on_train_end(self) -> None:
+        """Compute Eq. 8's standardisation statistics once the students are trained."""
+        datamodule = self.trainer.datamodule
+        loaders = standardization_loaders(datamodule) if datamodule is not None else [self.trainer.train_dataloader]
+        self.fit_standardization(loaders)
