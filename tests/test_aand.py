@@ -16,6 +16,7 @@ from lightning.pytorch import Callback, Trainer
 from torch.utils.data import DataLoader
 
 from distillad.models.aand import AAND, ResidualAnomalyAmplification, residual_intensity
+from distillad.models.aand.lightning_model import stage1_epoch_count
 from distillad.models.aand.loss import AnomalyAmplificationLoss, NormalityDistillationLoss
 from distillad.models.aand.torch_model import downsample_mask, position_encoding
 from distillad.synthesis import AnomalySynthesizer
@@ -81,7 +82,7 @@ def test_mask_downsampling_marks_patches_by_area() -> None:
 
 
 def test_amplification_loss_matches_hand_computation() -> None:
-    # One image, three columns of 1x3 patches: two anomalous (vanilla [1, 0]) and ... laid out as width 4.
+    # One image, 1x4 patches: two anomalous (vanilla [1, 0] both) and two normal ([0, 1] and [1, 1]).
     vanilla = torch.tensor([[1.0, 1.0, 0.0, 1.0], [0.0, 0.0, 1.0, 1.0]]).view(1, 2, 1, 4)
     mask = torch.tensor([True, True, False, False]).view(1, 1, 1, 4)
     amplified = vanilla.clone()
@@ -179,14 +180,7 @@ def test_amplification_pushes_anomalous_features_away_from_normal_ones() -> None
     (7, 0, 5, 0),  # stage 1 off (vanilla teacher)
 ])
 def test_stage_boundary(max_epochs: int | None, first: int, second: int, expected: int) -> None:
-    assert AAND.stage1_epoch_count(_Hparams(first, second), max_epochs) == expected
-
-
-class _Hparams:
-    """Just enough of an AAND for :meth:`AAND.stage1_epoch_count`."""
-
-    def __init__(self, first: int, second: int) -> None:
-        self.hparams = type("H", (), {"stage1_epochs": first, "stage2_epochs": second})()
+    assert stage1_epoch_count(max_epochs, first, second) == expected
 
 
 def test_ablation_switches() -> None:

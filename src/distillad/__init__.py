@@ -6,6 +6,7 @@ The models are anomalib ``AnomalibModule`` classes, usable from anomalib's ``Eng
 
 from distillad.models.aand import AAND
 from distillad.models.dmdd import DMDD
+from distillad.models.dskd import DSKD
 from distillad.models.rd import RD
 
-__all__ = ["AAND", "DMDD", "RD"]
+__all__ = ["AAND", "DMDD", "DSKD", "RD"]

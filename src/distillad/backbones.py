@@ -238,7 +238,12 @@ def create_classifier(name: str, pretrained: bool = True, weights: str | Path | 
     model = timm.create_model(name, pretrained=False)
     if pretrained or weights is not None:
         state = resolve_weights(name, model, weights, download)
-        result = model.load_state_dict(state, strict=False)
+        try:
+            result = model.load_state_dict(state)
+        except RuntimeError as error:  # missing/unexpected keys or shape mismatches: the file is for another network
+            detail = " ".join(str(error).split())[:200]
+            msg = f"weights for '{name}' do not fit the network ({detail}); pass weights trained for this backbone"
+            raise DistilladError(msg) from error
         missing = [key for key in result.missing_keys if key not in _classifier_keys(model)]
         if missing:
             msg = (f"weights for '{name}' do not fit the network ({len(missing)} missing tensors, e.g. {missing[0]}); "

@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", type=Path, required=True, help="output folder")
     predict.add_argument("--batch-size", type=_positive_int, default=16, help="images per batch (default: 16)")
     predict.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes (default: 0)")
+    predict.add_argument("--component-maps", action="store_true",
+                         help="also save the per-stage, per-branch maps (DMDD: 4 NGM + 4 AIM) as OUT/components/*.png")
 
     commands.add_parser("models", help="list models and their options")
     return parser
@@ -148,7 +150,8 @@ def run(argv: list[str] | None = None) -> int:
     elif args.command == "test":
         print(json.dumps(pipeline.test(args.run, heatmaps=not args.no_heatmaps), indent=2))
     elif args.command == "predict":
-        rows = pipeline.predict(args.run, args.input, args.out, args.batch_size, args.num_workers)
+        rows = pipeline.predict(args.run, args.input, args.out, args.batch_size, args.num_workers,
+                                args.component_maps)
         flagged = sum(1 for row in rows if row["is_anomalous"] == 1)
         failed = sum(1 for row in rows if row["error"])
         print(f"{len(rows)} images, {flagged} anomalous, {failed} unreadable; see {args.out / 'predictions.csv'}")

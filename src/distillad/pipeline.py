@@ -68,6 +68,7 @@ class RunConfig:
     threshold_source: str = ""
     map_range: tuple[float, float] = (0.0, 1.0)
     versions: dict = field(default_factory=dict)
+    test_limit: int | None = None
 
     def save(self, run_dir: Path) -> None:
         (run_dir / "config.json").write_text(json.dumps(asdict(self), indent=2))
@@ -224,7 +225,9 @@ def write_heatmaps(predictions: Predictions, out_dir: Path, map_range: tuple[flo
 
 
 def _trainer(config: RunConfig, run_dir: Path, model: torch.nn.Module) -> Trainer:
-    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0)
+    # save_last with save_top_k=0 never writes last.ckpt in Lightning 2.6: keep the single newest instead.
+    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", save_top_k=1,
+                                 enable_version_counter=False)
     arguments = {**model.trainer_arguments, "max_epochs": config.epochs, "default_root_dir": run_dir,
                  "callbacks": [checkpoint], "logger": CSVLogger(run_dir, name="logs"), "limit_val_batches": 0,
                  "deterministic": "warn", "enable_model_summary": False}
@@ -238,6 +241,7 @@ def fit(config: RunConfig, run_dir: Path, resume: bool = False, train_limit: int
     get_model_class(config.model)
     run_dir.mkdir(parents=True, exist_ok=True)
     config.versions = versions()
+    config.test_limit = test_limit  # so that 'distillad test' re-evaluates the same test images
     seed_everything(config.seed, workers=True, verbose=False)
     datamodule = build_datamodule(config, train_limit, test_limit)
     datamodule.setup()
@@ -269,7 +273,7 @@ def test(run_dir: Path, model: torch.nn.Module | None = None, config: RunConfig 
     if model is None:
         model, config = load_model(run_dir)
     if datamodule is None:
-        datamodule = build_datamodule(config)
+        datamodule = build_datamodule(config, test_limit=config.test_limit)
         datamodule.setup()
     started = time.perf_counter()
     predictions = collect(model, datamodule.test_dataloader(), "testing")
@@ -334,19 +338,52 @@ def expand_inputs(inputs: list[str | Path]) -> list[Path]:
     return paths
 
 
+def component_grid(image_rgb: np.ndarray, fused: np.ndarray, components: dict[str, np.ndarray],
+                   map_range: tuple[float, float], tile: int = 192) -> np.ndarray:
+    """A BGR grid: the fused overlay, then every component map on one shared colour scale (paper Fig. 8).
+
+    Rows are the branches (one row per name prefix, e.g. ``ngm`` and ``aim``), columns the stages; the
+    first column holds the image and the fused-map overlay.
+    """
+    image = cv2.resize(image_rgb, (tile, tile))
+    fused_tile = overlay(image, cv2.resize(fused, (tile, tile)), map_range)
+    top = max(float(m.max()) for m in components.values()) or 1.0
+    rows: dict[str, list[np.ndarray]] = {}
+    for name, component in components.items():
+        scaled = np.clip(cv2.resize(component, (tile, tile)) / top, 0, 1)
+        picture = cv2.applyColorMap((scaled * 255).astype(np.uint8), cv2.COLORMAP_JET)
+        cv2.putText(picture, name, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1)
+        rows.setdefault(name.split("_")[0], []).append(picture)
+    first_column = [cv2.cvtColor(image, cv2.COLOR_RGB2BGR), fused_tile]
+    lines = [np.hstack([first_column[i % 2], *tiles]) for i, tiles in enumerate(rows.values())]
+    width = max(line.shape[1] for line in lines)
+    return np.vstack([np.pad(line, ((0, 0), (0, width - line.shape[1]), (0, 0))) for line in lines])
+
+
 @torch.no_grad()
 def predict(run_dir: Path, inputs: list[str | Path], out_dir: Path, batch_size: int = 16,
-            num_workers: int = 0) -> list[dict]:
-    """Score images with a trained run; writes predictions.csv and one heatmap overlay per image."""
+            num_workers: int = 0, component_maps: bool = False) -> list[dict]:
+    """Score images with a trained run; writes predictions.csv and one heatmap overlay per image.
+
+    With ``component_maps`` and a model that provides them (DMDD: the 4 NGM and 4 AIM maps), also
+    writes ``OUT/components/<image>.png`` grids showing which branch and stage fired.
+    """
     model, config = load_model(run_dir)
     out_dir = Path(out_dir)
     heatmap_dir = out_dir / "heatmaps"
     heatmap_dir.mkdir(parents=True, exist_ok=True)
+    breakdown = component_maps and hasattr(model.model, "component_maps")
+    if component_maps and not breakdown:
+        msg = f"model '{config.model}' has no component maps; drop --component-maps (DMDD provides them)"
+        raise DistilladError(msg)
+    if breakdown:
+        (out_dir / "components").mkdir(exist_ok=True)
     loader = DataLoader(_PathDataset(expand_inputs(inputs), config.image_size), batch_size=batch_size,
                         num_workers=num_workers, collate_fn=_collate)
     rows, used = [], set()
     for paths, images, errors in tqdm(loader, desc="predicting", unit="batch"):
         output = model.model(images) if images is not None else None
+        components = model.model.component_maps(images) if breakdown and images is not None else None
         good_index = 0
         for path, error in zip(paths, errors):
             if error:
@@ -354,9 +391,14 @@ def predict(run_dir: Path, inputs: list[str | Path], out_dir: Path, batch_size: 
                 continue
             score = float(output.pred_score[good_index])
             anomaly_map = output.anomaly_map[good_index, 0].numpy()
+            image = read_image(path)
+            name = _unique_name(path, used)
+            cv2.imwrite(str(heatmap_dir / f"{name}.png"), overlay(image, anomaly_map, tuple(config.map_range)))
+            if components is not None:
+                maps = {key: value[good_index, 0].numpy() for key, value in components.items()}
+                grid = component_grid(image, anomaly_map, maps, tuple(config.map_range))
+                cv2.imwrite(str(out_dir / "components" / f"{name}.png"), grid)
             good_index += 1
-            picture = overlay(read_image(path), anomaly_map, tuple(config.map_range))
-            cv2.imwrite(str(heatmap_dir / f"{_unique_name(path, used)}.png"), picture)
             rows.append({"path": path, "score": f"{score:.6f}", "is_anomalous": int(score >= config.threshold),
                          "error": ""})
     with (out_dir / "predictions.csv").open("w", newline="") as handle:

@@ -1,5 +1,29 @@
 """Metrics anomalib lacks or computes wrongly on raw scores."""
 
 from distillad.metrics.ranking import RawScoreAUROC, aupro, auroc, f1_max, rank_normalize
+from distillad.metrics.spro import (
+    DefectConfig,
+    SaturatedRegion,
+    auspro,
+    auspro_per_group,
+    load_defects_config,
+    loco_regions,
+    mvtec_loco_spro,
+    spro_curve,
+)
 
-__all__ = ["RawScoreAUROC", "aupro", "auroc", "f1_max", "rank_normalize"]
+__all__ = [
+    "DefectConfig",
+    "RawScoreAUROC",
+    "SaturatedRegion",
+    "aupro",
+    "auroc",
+    "auspro",
+    "auspro_per_group",
+    "f1_max",
+    "load_defects_config",
+    "loco_regions",
+    "mvtec_loco_spro",
+    "rank_normalize",
+    "spro_curve",
+]

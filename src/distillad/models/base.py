@@ -40,7 +40,7 @@ class DistillationModule:
         """Image and pixel AUROC on raw scores, and AUPRO (FPR limit 0.3)."""
         return Evaluator(test_metrics=[
             RawScoreAUROC(fields=["pred_score", "gt_label"], prefix="image_"),
-            RawScoreAUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
+            RawScoreAUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_"),
             AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False, fpr_limit=0.3),
         ])
 
@@ -48,6 +48,14 @@ class DistillationModule:
         """Predict the held-out batch; the post-processor collects normalisation statistics from it."""
         del args, kwargs
         return batch.update(**self.model(batch.image)._asdict())
+
+    def configure_callbacks(self) -> list:
+        """anomalib's components as callbacks, with the evaluator moved before the post-processor.
+
+        anomalib's order runs the post-processor first, so test metrics would see scores min-max normalised
+        with validation statistics and clamped to [0, 1] (ties: wrong AUROC); the evaluator must read raw scores.
+        """
+        return sorted(super().configure_callbacks(), key=lambda callback: callback is not self.evaluator)
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:

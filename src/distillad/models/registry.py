@@ -26,6 +26,8 @@ class ModelEntry:
 
 
 MODELS: dict[str, ModelEntry] = {
+    "dskd": ModelEntry("distillad.models.dskd:DSKD",
+                       paper={"backbone": "wide_resnet50_2", "image_size": 256, "epochs": 200, "batch_size": 16}),
     "aand": ModelEntry("distillad.models.aand:AAND",
                        paper={"backbone": "wide_resnet50_2", "image_size": 256, "epochs": 220, "batch_size": 16}),
     "rd": ModelEntry("distillad.models.rd:RD",

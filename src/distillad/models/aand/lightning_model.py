@@ -19,6 +19,16 @@ from distillad.models.base import DistillationModule
 from distillad.synthesis import AnomalySynthesizer
 
 
+def stage1_epoch_count(max_epochs: int | None, stage1_epochs: int, stage2_epochs: int) -> int:
+    """Epochs of stage 1 when the trainer runs ``max_epochs`` in all (rule in :class:`AAND`'s docstring)."""
+    if max_epochs is None or max_epochs < 0 or max_epochs == stage1_epochs + stage2_epochs:
+        return stage1_epochs
+    if stage1_epochs == 0 or stage2_epochs == 0:
+        return 0 if stage1_epochs == 0 else max_epochs
+    boundary = round(max_epochs * stage1_epochs / (stage1_epochs + stage2_epochs))
+    return max(min(boundary, max_epochs - 1), min(1, max_epochs - 1))
+
+
 class AAND(DistillationModule, AnomalibModule):
     """Anomaly Amplification and Normality Distillation (Tang et al.), for any timm encoder.
 
@@ -123,20 +133,11 @@ class AAND(DistillationModule, AnomalibModule):
         self.distillation_loss = NormalityDistillationLoss(hard_samples)
         self._synthesizer: AnomalySynthesizer | None = None
 
-    def stage1_epoch_count(self, max_epochs: int | None) -> int:
-        """Epochs of stage 1 when the trainer runs ``max_epochs`` in all (see the class docstring)."""
-        first, second = self.hparams.stage1_epochs, self.hparams.stage2_epochs
-        if max_epochs is None or max_epochs < 0 or max_epochs == first + second:
-            return first
-        if first == 0 or second == 0:
-            return 0 if first == 0 else max_epochs
-        boundary = round(max_epochs * first / (first + second))
-        return max(min(boundary, max_epochs - 1), min(1, max_epochs - 1))
-
     @property
     def stage(self) -> int:
         """The training stage (1 or 2) of the current epoch."""
-        return 1 if self.current_epoch < self.stage1_epoch_count(self.trainer.max_epochs) else 2
+        boundary = stage1_epoch_count(self.trainer.max_epochs, self.hparams.stage1_epochs, self.hparams.stage2_epochs)
+        return 1 if self.current_epoch < boundary else 2
 
     @property
     def synthesizer(self) -> AnomalySynthesizer:

@@ -59,9 +59,10 @@ class AnomalyAmplificationLoss(nn.Module):
     authors' code) so the N^a x N^n similarity matrix stays bounded. A level without anomalous patches
     contributes 0.
 
-    Deviation from the authors' code: the code computes ``relu(s - S_ref)``, which equals Eq. 7 minus
-    the gradient-free constant mean(S_ref), and weights L_A by 0.1 in L_1; here Eq. 7 and Eq. 9 are
-    followed as printed (same gradient direction for L_A, unit weight).
+    Deviations from the authors' code, where Eq. 7 and Eq. 9 are followed as printed: the code computes
+    ``relu(s - S_ref)``, which equals Eq. 7 minus the gradient-free constant mean(S_ref) (same gradient;
+    the logged value here can be negative), weights L_A by 0.1 in L_1 (here 1), and takes the normal
+    patches only inside the foreground mask (here every non-anomalous patch, as the paper defines N^n).
 
     Args:
         alpha: The margin alpha of Eq. 8 (0.3 in the paper).

@@ -55,6 +55,25 @@ class DSKD(DistillationModule, AnomalibModule):
     are saved in checkpoints. A model trained without a datamodule (plain dataloaders) uses the training
     dataloader.
 
+    Choices where the paper is silent, and deviations (with the reason):
+
+    - Encoder: any timm CNN cut into four stages; the paper's "first three residual stages" of
+      WideResNet-50-2 become stages 1-3 and its "4-th residual stage" stage 4 (the CPU default has to
+      work offline).
+    - g stays 1024 for every encoder, as the paper's default; for an encoder narrower than that
+      (``tf_efficientnet_lite0``: 320 channels at stage 4) the GCCB widens instead of compressing. The
+      paper's Table 6 is flat over g in 512-2048 (g = 2048: no convs), so no rescaling is invented.
+    - GCCB: average pooling, plain 1x1 convs without normalisation or activation (none are named).
+    - With switched losses (Tables 4-5) each student is scored with the discrepancy it was trained on.
+    - mu/sigma: population mean and standard deviation over all pixels of the summed maps, fitted once
+      after the last epoch (intermediate ``last.ckpt`` files keep mu = 0, sigma = 1).
+    - Gaussian: sigma 4 (RD's; the paper names no width), applied to the fused map, so the pixel map is
+      smoothed too, as in RD.
+    - Augmentation: none. The paper uses "the same data augmentations as GCAD" without listing them;
+      the datamodule only resizes.
+    - The contextual affinity is computed in row chunks with gradient checkpointing (memory, not
+      results; see :mod:`distillad.models.dskd.loss`).
+
     Args:
         backbone: timm encoder name (``wide_resnet50_2`` is the paper's).
         pretrained: Pretrained teacher (never silently random).

@@ -1,0 +1,232 @@
+"""DMDD (Liu et al., ACM MM 2024): decoupled student, PMN, NGM/AIM losses, MSN, switches, end to end."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.transforms.v2.functional import resize
+
+from distillad.data import read_image
+from distillad.models.dmdd import DMDD
+from distillad.models.dmdd.loss import AbnormalityInverseMimickingLoss, NormalityGuidanceLoss, SegmentationLoss
+from distillad.models.dmdd.torch_model import MultiPerceptionSegmentationNetwork, PyramidPath
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SIZE = 64
+OFF = {"post_processor": False, "evaluator": False, "visualizer": False}
+
+
+def make(**options) -> DMDD:  # noqa: ANN003
+    torch.manual_seed(0)
+    return DMDD(image_size=(SIZE, SIZE), **options, **OFF)
+
+
+def real_images(count: int, size: int = SIZE) -> torch.Tensor:
+    if not SHARED.is_dir():
+        pytest.skip(f"real data not found at {SHARED} (needs ../shared/data beside the repo)")
+    paths = sorted((SHARED / "mtd" / "train" / "good").iterdir())[:count]
+    images = [torch.from_numpy(read_image(p)).permute(2, 0, 1).float() / 255 for p in paths]
+    return torch.stack([resize(image, [size, size], antialias=True) for image in images])
+
+
+def test_untrained_student_reproduces_teacher_so_ngm_distance_is_zero() -> None:
+    model = make().model.eval()
+    images = real_images(2)
+    maps = model.distance_maps(images)
+    for branch_maps in maps.values():
+        for distance in branch_maps:
+            assert distance.abs().max() < 1e-4
+
+
+def test_student_batchnorm_keeps_teacher_statistics_in_train_mode() -> None:
+    model = make().model.train()
+    assert not model.teacher.training
+    assert model.student.training
+    assert model.student_batchnorms and all(not bn.training for bn in model.student_batchnorms)
+    images = real_images(4)
+    losses = make().distillation_losses(images, images, torch.zeros(4, 1, SIZE, SIZE))
+    assert losses["ngm"] < 1e-4
+
+
+def test_ngm_loss_matches_equation_2() -> None:
+    teacher = [torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]]])]  # (1, 2, 1, 2): pixels (1,0) and (0,1)
+    on_normal = [torch.tensor([[[[1.0, 1.0]], [[0.0, 0.0]]]])]  # pixels (1,0) and (1,0)
+    on_anomalous = [torch.tensor([[[[-1.0, 0.0]], [[0.0, 1.0]]]])]  # pixels (-1,0) and (0,1)
+    # D^n = [0, 1], D^a = [2, 0] -> mean over pixels of D^n + D^a = (0 + 1 + 2 + 0) / 2 = 1.5; one stage.
+    assert NormalityGuidanceLoss()(teacher, on_normal, on_anomalous).item() == pytest.approx(1.5)
+
+
+def test_aim_loss_matches_hand_computation_with_area_downsampled_mask() -> None:
+    teacher = [torch.ones(1, 2, 2, 2), torch.ones(1, 2, 1, 1)]
+    student_first = torch.ones(1, 2, 2, 2)
+    student_first[0, 0, 0, 0], student_first[0, 1, 0, 0] = -1.0, -1.0  # opposite at (0,0): distance 2
+    student = [student_first, torch.tensor([[[[1.0]], [[-1.0]]]])]  # orthogonal: distance 1
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[0, 0, :2, :2] = 1.0  # the top-left quarter
+    # stage 1 (2x2): mask [[1,0],[0,0]], distance [[2,0],[0,0]] -> |2-1| / 4 = 0.25
+    # stage 2 (1x1): mask 0.25 (area), distance 1 -> 0.75;  mean over the two stages = 0.5
+    assert AbnormalityInverseMimickingLoss()(teacher, student, mask).item() == pytest.approx(0.5)
+
+
+def test_segmentation_loss_matches_equation_5() -> None:
+    logits = torch.zeros(1, 1, 2, 2)
+    score = torch.tensor([0.5])
+    mask = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])
+    expected = 2 * torch.log(torch.tensor(2.0))  # BCE(0.5, .) = log 2 for the map and for the score
+    assert SegmentationLoss()(logits, score, mask).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_pmn_paths_change_outputs_only_when_switched_on() -> None:
+    features = [torch.randn(1, c, s, s) for c, s in [(4, 16), (6, 8), (8, 4), (10, 2)]]
+    channels = [4, 6, 8, 10]
+    for direction in ("top_down", "bottom_up"):
+        path = PyramidPath(channels, direction)
+        assert all(torch.equal(a, b) for a, b in zip(path(features), features))  # zero-initialised: identity
+        for conv in path.convs:
+            torch.nn.init.normal_(conv.weight)
+        changed = [not torch.allclose(a, b) for a, b in zip(path(features), features)]
+        # top-down leaves the top level as is; bottom-up leaves the bottom level as is.
+        assert changed == ([True, True, True, False] if direction == "top_down" else [False, True, True, True])
+    model = make(pmn_inner=False, pmn_outer=False).model
+    assert all(len(path) == 0 for path in model.pmn.paths.values())
+    images = real_images(1)
+    raw = model.student(model.teacher.normalize(images))
+    refined = model.student_features(images)
+    assert all(torch.equal(a, b) for a, b in zip(raw["normality"], refined["normality"]))
+    model_on = make(pmn_inner=True, pmn_outer=False).model
+    for path in model_on.pmn.paths["normality"]:
+        for conv in path.convs:
+            torch.nn.init.normal_(conv.weight, std=0.1)
+    raw = model_on.student(model_on.teacher.normalize(images))
+    refined = model_on.student_features(images)
+    assert not torch.allclose(raw["normality"][0], refined["normality"][0])
+    assert torch.equal(raw["normality"][3], refined["normality"][3])  # inner normality path is top-down
+
+
+def test_msn_outputs_probability_map_of_input_size_and_top100_score() -> None:
+    msn = MultiPerceptionSegmentationNetwork(8, (SIZE, SIZE))
+    torch.nn.init.normal_(msn.global_attention, mean=1.0, std=0.5)
+    maps = {branch: [torch.rand(2, 1, s, s) for s in (16, 8, 4, 2)] for branch in ("normality", "abnormality")}
+    logits, score = msn(maps, (SIZE, SIZE))
+    probabilities = torch.sigmoid(logits)
+    assert probabilities.shape == (2, 1, SIZE, SIZE)
+    assert probabilities.min() >= 0 and probabilities.max() <= 1
+    expected = probabilities.flatten(1).sort(dim=1, descending=True).values[:, :100].mean(dim=1)
+    assert torch.allclose(score, expected)
+
+
+def test_training_decreases_both_losses_on_real_images() -> None:
+    """NGM falls from the start. AIM starts at the mask's mean area (an untrained student equals the teacher,
+    so every distance is 0): the first update perturbs normal regions too, then AIM falls while the
+    abnormality features move away from the teacher inside the anomaly, which is what AIM is for."""
+    module = make(lr=5e-4)
+    optimizer = module.configure_optimizers()[0]
+    module.model.train()
+    normal, anomalous, masks = module.synthesizer(real_images(8))
+
+    def distance_inside_anomaly(stage: int) -> float:
+        with torch.no_grad():
+            distance = module.model.distance_maps(anomalous)["abnormality"][stage]
+        weights = F.adaptive_avg_pool2d(masks, distance.shape[-2:])
+        return float((distance * weights).sum() / weights.sum())
+
+    inside_before = distance_inside_anomaly(1)
+    history = []
+    for _ in range(20):
+        losses = module.distillation_losses(normal, anomalous, masks)
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
+        history.append({key: float(value) for key, value in losses.items()})
+    assert history[-1]["ngm"] < 0.7 * history[0]["ngm"], history
+    assert history[-1]["aim"] < 0.5 * history[1]["aim"], history
+    assert distance_inside_anomaly(1) > inside_before + 0.02
+
+
+def test_msn_epoch_trains_only_the_segmentation_network() -> None:
+    module = make()
+    images = real_images(4)
+
+    class Batch:
+        image = images
+        image_path = [f"image_{i}" for i in range(4)]
+
+    class TrainerStub:
+        train_dataloader = [Batch()]
+
+    module._trainer = TrainerStub()
+    module.optimizers = lambda: module.configure_optimizers()
+    module.log = lambda *args, **kwargs: None
+    before = {name: p.detach().clone() for name, p in module.model.named_parameters()}
+    module.train_segmentation_epoch()
+    changed = {name for name, p in module.model.named_parameters() if not torch.equal(p, before[name])}
+    assert changed and all(name.startswith("msn.") for name in changed)
+
+
+TABLE_4 = [dict(branches=b, pmn_inner=i, pmn_outer=o) for b in ("normality", "abnormality")
+           for i, o in ((False, False), (True, False), (True, True))] + [dict(branches="both")]
+TABLE_5 = [dict(msn=False), dict(msn=True), dict(fas=False), dict(pyramid_upsampling=False),
+           dict(multi_perception=False)]
+
+
+@pytest.mark.parametrize("options", TABLE_4 + TABLE_5, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_every_ablation_row_builds_trains_one_step_and_predicts(options: dict) -> None:
+    module = make(**options)
+    images = real_images(2)
+    normal, anomalous, masks = module.synthesizer(images)
+    losses = module.distillation_losses(normal, anomalous, masks)
+    expected_losses = {"normality": {"ngm"}, "abnormality": {"aim"}, "both": {"ngm", "aim"}}[
+        options.get("branches", "both")]
+    assert set(losses) == expected_losses
+    sum(losses.values()).backward()
+    if module.model.msn is not None:
+        maps = module.model.distance_maps(anomalous)
+        logits, score = module.model.segment(maps, (SIZE, SIZE))
+        module.segmentation_loss(logits, score, masks).backward()
+    module.model.eval()
+    with torch.no_grad():
+        output = module.model(images)
+    assert output.anomaly_map.shape == (2, 1, SIZE, SIZE)
+    assert torch.isfinite(output.pred_score).all()
+    assert module.fas_synthesizer.foregrounds.mode == ("none" if options.get("fas") is False else "grabcut")
+
+
+def test_switches_are_reachable_from_the_cli_parser() -> None:
+    from distillad.cli import build_parser
+    from distillad.pipeline import build_model, RunConfig
+
+    args = build_parser().parse_args(["fit", "--model", "dmdd", "--root", "x", "--category", "y",
+                                      "--option", "branches=normality", "--option", "pmn_outer=False",
+                                      "--option", "msn=False"])
+    config = RunConfig(model="dmdd", model_options=dict(args.option), data={}, image_size=SIZE)
+    model = build_model(config).model
+    assert model.branches == ("normality",) and model.msn is None
+    assert all(len(path) == 1 for path in model.pmn.paths.values())
+
+
+@pytest.mark.slow
+def test_fit_on_weld_subset_then_component_maps(tmp_path: Path) -> None:
+    if not SHARED.is_dir():
+        pytest.skip(f"real data not found at {SHARED}")
+    from distillad.pipeline import RunConfig, fit, predict
+
+    config = RunConfig(model="dmdd", model_options={}, data={"kind": "mvtec", "root": str(SHARED), "category": "weld"},
+                       image_size=SIZE, epochs=1, batch_size=8)
+    metrics = fit(config, tmp_path / "run", train_limit=10, test_limit=8, heatmaps=False)
+    for key in ("image_AUROC", "pixel_AUROC", "pixel_AUPRO"):
+        assert 0 <= metrics[key] <= 1
+    log = (tmp_path / "run" / "logs" / "version_0" / "metrics.csv").read_text()
+    assert "train_seg_loss" in log and "train_ngm_loss" in log and "train_aim_loss" in log
+    defective = sorted((SHARED / "weld" / "test" / "defective").iterdir())[:1]
+    rows = predict(tmp_path / "run", defective, tmp_path / "pred", component_maps=True)
+    assert rows[0]["error"] == ""
+    assert len(list((tmp_path / "pred" / "components").glob("*.png"))) == 1
+
+
+def test_table_rows_cover_every_switch() -> None:
+    switches = set(itertools.chain.from_iterable(TABLE_4 + TABLE_5))
+    assert switches == {"branches", "pmn_inner", "pmn_outer", "msn", "fas", "pyramid_upsampling", "multi_perception"}
