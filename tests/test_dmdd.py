@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ SIZE = 64
 OFF = {"post_processor": False, "evaluator": False, "visualizer": False}
 
 
-def make(**options) -> DMDD:  # noqa: ANN003
+def make(**options) -> DMDD:
     torch.manual_seed(0)
     return DMDD(image_size=(SIZE, SIZE), **options, **OFF)
 
@@ -151,14 +152,8 @@ def test_msn_epoch_trains_only_the_segmentation_network() -> None:
     module = make()
     images = real_images(4)
 
-    class Batch:
-        image = images
-        image_path = [f"image_{i}" for i in range(4)]
-
-    class TrainerStub:
-        train_dataloader = [Batch()]
-
-    module._trainer = TrainerStub()
+    batch = SimpleNamespace(image=images, image_path=[f"image_{i}" for i in range(4)])
+    module._trainer = SimpleNamespace(train_dataloader=[batch])
     module.optimizers = lambda: module.configure_optimizers()
     module.log = lambda *args, **kwargs: None
     before = {name: p.detach().clone() for name, p in module.model.named_parameters()}
@@ -197,7 +192,7 @@ def test_every_ablation_row_builds_trains_one_step_and_predicts(options: dict) -
 
 def test_switches_are_reachable_from_the_cli_parser() -> None:
     from distillad.cli import build_parser
-    from distillad.pipeline import build_model, RunConfig
+    from distillad.pipeline import RunConfig, build_model
 
     args = build_parser().parse_args(["fit", "--model", "dmdd", "--root", "x", "--category", "y",
                                       "--option", "branches=normality", "--option", "pmn_outer=False",
