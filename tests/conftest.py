@@ -1,4 +1,4 @@
-"""Shared pytest fixtures: the real datasets in ../shared/data, seeding, and small image helpers."""
+"""Shared pytest fixtures: the real datasets in ../shared/data and a small image loader."""
 
 from __future__ import annotations
 
@@ -11,20 +11,12 @@ import torch
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The folder with the real datasets (``mtd/``, ``weld/``); the test is skipped when it is absent."""
-    if not (SHARED_DATA / "weld").is_dir():
-        pytest.skip(f"real datasets not found at {SHARED_DATA} (expected ../shared/data/weld beside the checkout)")
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real datasets not found at {SHARED_DATA} (../shared/data beside the checkout)")
     return SHARED_DATA
-
-
-@pytest.fixture
-def seeded() -> int:
-    """Seed torch and numpy for one test; returns the seed."""
-    torch.manual_seed(0)
-    np.random.seed(0)
-    return 0
 
 
 def _load_images(paths: list[Path], size: int) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -28,12 +29,18 @@ class DistillationModule:
 
     model: nn.Module
 
-    @staticmethod
-    def resolve_pre_processor(pre_processor: nn.Module | bool, image_size: tuple[int, int]) -> nn.Module | bool:
-        """Turn ``True`` into a resize-only pre-processor for ``image_size``."""
+    def init_anomalib_module(self, image_size: tuple[int, int], pre_processor: nn.Module | bool,
+                             post_processor: nn.Module | bool, evaluator: Evaluator | bool,
+                             visualizer: nn.Module | bool) -> None:
+        """Initialise ``AnomalibModule`` (``True`` pre-processor = resize only) and save the caller's arguments
+        as hyperparameters, so checkpoints rebuild the same model."""
         if pre_processor is True:
-            return PreProcessor(transform=Resize(tuple(image_size), antialias=True))
-        return pre_processor
+            pre_processor = PreProcessor(transform=Resize(tuple(image_size), antialias=True))
+        super().__init__(pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator,
+                         visualizer=visualizer)
+        caller = inspect.getargvalues(inspect.currentframe().f_back)
+        components = {"pre_processor", "post_processor", "evaluator", "visualizer"}
+        self.save_hyperparameters({name: caller.locals[name] for name in caller.args[1:] if name not in components})
 
     @staticmethod
     def configure_evaluator() -> Evaluator:

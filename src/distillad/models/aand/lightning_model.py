@@ -118,13 +118,7 @@ class AAND(DistillationModule, AnomalibModule):
         if stage1_epochs < 0 or stage2_epochs < 0 or stage1_epochs + stage2_epochs == 0:
             msg = f"stage1_epochs and stage2_epochs must be >= 0 and not both 0, got {stage1_epochs}, {stage2_epochs}"
             raise ValueError(msg)
-        super().__init__(
-            pre_processor=self.resolve_pre_processor(pre_processor, image_size),
-            post_processor=post_processor,
-            evaluator=evaluator,
-            visualizer=visualizer,
-        )
-        self.save_hyperparameters(ignore=["pre_processor", "post_processor", "evaluator", "visualizer"])
+        self.init_anomalib_module(image_size, pre_processor, post_processor, evaluator, visualizer)
         self.automatic_optimization = False
         self.model = AANDModel(backbone, pretrained=pretrained, weights=weights, amplify=stage1_epochs > 0,
                                memory_items=memory_items, temperature=temperature, gate=gate, residual=residual,

@@ -80,13 +80,7 @@ class DMDD(DistillationModule, AnomalibModule):
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        super().__init__(
-            pre_processor=self.resolve_pre_processor(pre_processor, image_size),
-            post_processor=post_processor,
-            evaluator=evaluator,
-            visualizer=visualizer,
-        )
-        self.save_hyperparameters(ignore=["pre_processor", "post_processor", "evaluator", "visualizer"])
+        self.init_anomalib_module(image_size, pre_processor, post_processor, evaluator, visualizer)
         self.automatic_optimization = False
         self.model = DMDDModel(backbone, pretrained=pretrained, weights=weights, image_size=tuple(image_size),
                                branches=branches, pmn_inner=pmn_inner, pmn_outer=pmn_outer, msn=msn,

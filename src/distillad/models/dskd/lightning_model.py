@@ -123,13 +123,7 @@ class DSKD(DistillationModule, AnomalibModule):
             msg = (f"temperature must be > 0, gccb_channels and chunk_rows >= 1; got temperature={temperature}, "
                    f"gccb_channels={gccb_channels}, chunk_rows={chunk_rows}")
             raise ValueError(msg)
-        super().__init__(
-            pre_processor=self.resolve_pre_processor(pre_processor, image_size),
-            post_processor=post_processor,
-            evaluator=evaluator,
-            visualizer=visualizer,
-        )
-        self.save_hyperparameters(ignore=["pre_processor", "post_processor", "evaluator", "visualizer"])
+        self.init_anomalib_module(image_size, pre_processor, post_processor, evaluator, visualizer)
         self.model = DSKDModel(backbone, pretrained=pretrained, weights=weights, local_loss=local_loss,
                                global_loss=global_loss, gccb=gccb, gccb_channels=gccb_channels,
                                temperature=temperature, sigma=sigma, chunk_rows=chunk_rows)

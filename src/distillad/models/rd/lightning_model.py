@@ -51,13 +51,7 @@ class RD(DistillationModule, AnomalibModule):
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        super().__init__(
-            pre_processor=self.resolve_pre_processor(pre_processor, image_size),
-            post_processor=post_processor,
-            evaluator=evaluator,
-            visualizer=visualizer,
-        )
-        self.save_hyperparameters(ignore=["pre_processor", "post_processor", "evaluator", "visualizer"])
+        self.init_anomalib_module(image_size, pre_processor, post_processor, evaluator, visualizer)
         self.model = ReverseDistillationModel(backbone, pretrained=pretrained, weights=weights, sigma=sigma)
         self.loss = ReverseDistillationLoss(loss_mode)
 
