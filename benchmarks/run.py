@@ -41,7 +41,7 @@ def _run_one(spec: dict, queue: multiprocessing.Queue) -> None:
                        data={"kind": "mvtec", "root": str(spec["root"]), "category": spec["dataset"]},
                        backbone=spec["backbone"], pretrained=spec["pretrained"], image_size=spec["image_size"],
                        epochs=spec["epochs"], batch_size=spec["batch_size"], seed=spec["seed"])
-    metrics = fit(config, spec["run_dir"], resume=True, heatmaps=False)
+    metrics = fit(config, spec["run_dir"], resume=True, heatmaps=False, train_limit=spec.get("train_limit"))
     model, _ = load_model(spec["run_dir"])
     metrics["infer_ms_per_image_batch1"] = latency_ms(model, spec["image_size"], 1, 10)
     metrics["infer_ms_per_image_batch32"] = latency_ms(model, spec["image_size"], 32, 2)
@@ -92,6 +92,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--backbone", default="tf_efficientnet_lite0")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-limit", type=int, help="train on this many images only (ablations)")
     parser.add_argument("--random-init", action="store_true", help="also run each model with a random encoder")
     parser.add_argument("--option", action="append", default=[], metavar="MODEL:KEY=VALUE",
                         help="model option for one model, e.g. dmdd:msn=False")
@@ -111,7 +112,7 @@ def main() -> None:
             spec = {"name": name, "model": model, "dataset": args.dataset, "root": args.root, "epochs": args.epochs,
                     "image_size": args.image_size, "batch_size": args.batch_size, "backbone": args.backbone,
                     "seed": args.seed, "pretrained": pretrained, "options": options.get(model, {}),
-                    "run_dir": run_dir}
+                    "run_dir": run_dir, "train_limit": args.train_limit}
             rows.append(run_isolated(spec))
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2))

@@ -9,6 +9,7 @@ import torch
 from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.metrics import AUPRO, Evaluator
+from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
@@ -22,6 +23,7 @@ class DistillationModule:
 
     - The pre-processor only resizes: encoders normalise inside the model (``StagedEncoder.normalize``),
       so anomaly synthesis works in plain [0, 1] image space and exported models need no pre-step.
+    - The default post-processor thresholds but does not normalise (normalisation clamps and ties scores).
     - The default evaluator ranks raw scores (:class:`~distillad.metrics.RawScoreAUROC`) instead of
       anomalib's sigmoid-squashing AUROC.
     - The torch model lives in ``self.model`` and returns an ``InferenceBatch`` in eval mode.
@@ -41,6 +43,12 @@ class DistillationModule:
         caller = inspect.getargvalues(inspect.currentframe().f_back)
         components = {"pre_processor", "post_processor", "evaluator", "visualizer"}
         self.save_hyperparameters({name: caller.locals[name] for name in caller.args[1:] if name not in components})
+
+    @staticmethod
+    def configure_post_processor() -> PostProcessor:
+        """Thresholds without normalisation: anomalib's min-max normalisation clamps test scores outside the
+        validation range to 0 or 1, which ties them (a DMDD run on weld read image AUROC 0.5 from it)."""
+        return PostProcessor(enable_normalization=False)
 
     @staticmethod
     def configure_evaluator() -> Evaluator:
