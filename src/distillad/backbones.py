@@ -239,8 +239,8 @@ def create_classifier(name: str, pretrained: bool = True, weights: str | Path | 
     if pretrained or weights is not None:
         state = resolve_weights(name, model, weights, download)
         try:
-            result = model.load_state_dict(state)
-        except RuntimeError as error:  # missing/unexpected keys or shape mismatches: the file is for another network
+            result = model.load_state_dict(state, strict=False)
+        except RuntimeError as error:  # shape mismatches: the file is for another network
             detail = " ".join(str(error).split())[:200]
             msg = f"weights for '{name}' do not fit the network ({detail}); pass weights trained for this backbone"
             raise DistilladError(msg) from error
