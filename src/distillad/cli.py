@@ -1,4 +1,4 @@
-"""The ``distillad`` command: fit, test and predict with knowledge-distillation anomaly detectors.
+"""distillad: fit, test and predict with knowledge-distillation anomaly detectors.
 
 Errors a user can fix print one line (``distillad: error: ...``) and exit with status 2.
 """
@@ -9,6 +9,7 @@ import argparse
 import ast
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from distillad.errors import DistilladError
@@ -44,12 +45,19 @@ def _option(text: str) -> tuple[str, object]:
     return key.strip().replace("-", "_"), value
 
 
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """Usage mistakes print one line naming the option and exit 2 (``--help`` still shows everything)."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
     from distillad.models.registry import MODELS
 
-    parser = argparse.ArgumentParser(prog="distillad", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = _OneLineErrorParser(prog="distillad", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineErrorParser)
 
     fit = commands.add_parser("fit", help="train a model on normal images, then test it on the test split",
                               description="Train on a category's normal images, calibrate the decision threshold "
@@ -162,6 +170,8 @@ def run(argv: list[str] | None = None) -> int:
 
 def main() -> None:
     """Console entry point: one-line errors instead of tracebacks for user mistakes."""
+    # Deprecation notices inside timm and anomalib are for their developers, not for our users.
+    warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         sys.exit(run())
     except DistilladError as error:

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2.functional import resize
 from tqdm.auto import tqdm
 
-from distillad.data import FolderLayout, MVTecLayout, read_image
+from distillad.data import FolderLayout, MVTecLayout, is_image_file, read_image
 from distillad.data.io import IMAGE_EXTENSIONS
 from distillad.errors import DistilladError
 from distillad.metrics import aupro, auroc, f1_max
@@ -288,11 +288,14 @@ def test(run_dir: Path, model: torch.nn.Module | None = None, config: RunConfig 
     with (run_dir / "test_scores.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "label", "score", "is_anomalous"])
-        for path, label, score in zip(predictions.paths, predictions.labels.tolist(), predictions.scores.tolist()):
+        for path, label, score in zip(predictions.paths, predictions.labels.long().tolist(), predictions.scores.tolist()):
             writer.writerow([path, label, f"{score:.6f}", int(score >= config.threshold)])
     if heatmaps:
         write_heatmaps(predictions, run_dir / "heatmaps", tuple(config.map_range))
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    previous = run_dir / "metrics.json"
+    if previous.is_file():  # keep what only training measured (train_seconds, seconds_per_epoch)
+        metrics = {**json.loads(previous.read_text()), **metrics}
+    previous.write_text(json.dumps(metrics, indent=2))
     return metrics
 
 
@@ -325,7 +328,7 @@ def expand_inputs(inputs: list[str | Path]) -> list[Path]:
     paths = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            found = sorted(p for p in item.rglob("*") if p.is_file() and is_image_file(p))
             if not found:
                 msg = f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {item}; pass a folder with images"
                 raise DistilladError(msg)
