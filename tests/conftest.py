@@ -45,3 +45,19 @@ def load_images():
     """``load_images(paths, size)``: images read with :func:`distillad.data.read_image`, resized to
     ``size`` x ``size``, as a float (N, 3, H, W) tensor in [0, 1]."""
     return _load_images
+
+
+@pytest.fixture
+def fit_weld_subset(shared_data: Path, tmp_path: Path):
+    """``fit_weld_subset(model, epochs=1, **options)``: train and test ``model`` on a tiny weld subset at 64 px
+    through :func:`distillad.pipeline.fit`; returns ``(metrics, run_dir)``."""
+    from distillad.pipeline import RunConfig, fit
+
+    def fit_subset(model: str, epochs: int = 1, **options) -> tuple[dict, Path]:
+        config = RunConfig(model=model, model_options=options,
+                           data={"kind": "mvtec", "root": str(shared_data), "category": "weld"},
+                           image_size=64, epochs=epochs, batch_size=4)
+        run_dir = tmp_path / f"{model}-run"
+        return fit(config, run_dir, train_limit=8, test_limit=8, heatmaps=False), run_dir
+
+    return fit_subset

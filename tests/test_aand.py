@@ -249,15 +249,10 @@ def test_stage_two_leaves_raa_parameters_unchanged() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (SHARED_DATA / "weld").is_dir(), reason=f"weld dataset not found under {SHARED_DATA}")
-def test_two_stage_fit_on_weld_subset(tmp_path: Path) -> None:
-    from distillad.pipeline import RunConfig, fit
-
-    config = RunConfig(model="aand", model_options={}, data={"kind": "mvtec", "root": str(SHARED_DATA),
-                       "category": "weld"}, image_size=64, epochs=2, batch_size=4)
-    metrics = fit(config, tmp_path, train_limit=8, test_limit=8, heatmaps=False)
-    written = json.loads((tmp_path / "metrics.json").read_text())
+def test_two_stage_fit_on_weld_subset(fit_weld_subset) -> None:
+    metrics, run_dir = fit_weld_subset("aand", epochs=2)
+    written = json.loads((run_dir / "metrics.json").read_text())
     assert written["model"] == "aand" and 0 <= written["image_AUROC"] <= 1 and math.isfinite(metrics["threshold"])
-    with next(tmp_path.glob("logs/*/metrics.csv")).open() as handle:
+    with next(run_dir.glob("logs/*/metrics.csv")).open() as handle:
         stages = [float(row["stage"]) for row in csv.DictReader(handle) if row.get("stage")]
     assert stages == [1.0, 2.0]  # 2 epochs with the paper's 100:120 split -> one epoch per stage

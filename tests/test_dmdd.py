@@ -204,20 +204,16 @@ def test_switches_are_reachable_from_the_cli_parser() -> None:
 
 
 @pytest.mark.slow
-def test_fit_on_weld_subset_then_component_maps(tmp_path: Path) -> None:
-    if not SHARED.is_dir():
-        pytest.skip(f"real data not found at {SHARED}")
-    from distillad.pipeline import RunConfig, fit, predict
+def test_fit_on_weld_subset_then_component_maps(fit_weld_subset, tmp_path: Path) -> None:
+    from distillad.pipeline import predict
 
-    config = RunConfig(model="dmdd", model_options={}, data={"kind": "mvtec", "root": str(SHARED), "category": "weld"},
-                       image_size=SIZE, epochs=1, batch_size=8)
-    metrics = fit(config, tmp_path / "run", train_limit=10, test_limit=8, heatmaps=False)
+    metrics, run_dir = fit_weld_subset("dmdd")
     for key in ("image_AUROC", "pixel_AUROC", "pixel_AUPRO"):
         assert 0 <= metrics[key] <= 1
-    log = (tmp_path / "run" / "logs" / "version_0" / "metrics.csv").read_text()
+    log = next(run_dir.glob("logs/*/metrics.csv")).read_text()
     assert "train_seg_loss" in log and "train_ngm_loss" in log and "train_aim_loss" in log
     defective = sorted((SHARED / "weld" / "test" / "defective").iterdir())[:1]
-    rows = predict(tmp_path / "run", defective, tmp_path / "pred", component_maps=True)
+    rows = predict(run_dir, defective, tmp_path / "pred", component_maps=True)
     assert rows[0]["error"] == ""
     assert len(list((tmp_path / "pred" / "components").glob("*.png"))) == 1
 

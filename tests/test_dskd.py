@@ -255,15 +255,12 @@ def test_training_loss_of_both_students_decreases_on_weld_images() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (SHARED_DATA / "weld").is_dir(), reason=f"weld dataset not found under {SHARED_DATA}")
-def test_fit_on_weld_subset_writes_metrics_and_saves_statistics(tmp_path: Path) -> None:
-    from distillad.pipeline import RunConfig, fit, load_model
+def test_fit_on_weld_subset_writes_metrics_and_saves_statistics(fit_weld_subset) -> None:
+    from distillad.pipeline import load_model
 
-    config = RunConfig(model="dskd", model_options={}, data={"kind": "mvtec", "root": str(SHARED_DATA),
-                       "category": "weld"}, image_size=64, epochs=1, batch_size=4)
-    metrics = fit(config, tmp_path, train_limit=8, test_limit=8, heatmaps=False)
-    written = json.loads((tmp_path / "metrics.json").read_text())
+    metrics, run_dir = fit_weld_subset("dskd")
+    written = json.loads((run_dir / "metrics.json").read_text())
     assert written["model"] == "dskd" and 0 <= written["image_AUROC"] <= 1 and math.isfinite(metrics["threshold"])
-    loaded, _ = load_model(tmp_path)
+    loaded, _ = load_model(run_dir)
     stats = _stats(loaded)  # Eq. 8 statistics were fitted and saved in the checkpoint
     assert len(stats) == 4 and all(std > 0 for std in stats[1::2]) and stats != [0.0, 1.0, 0.0, 1.0]
