@@ -160,6 +160,7 @@ def test_msn_epoch_trains_only_the_segmentation_network() -> None:
     module.train_segmentation_epoch()
     changed = {name for name, p in module.model.named_parameters() if not torch.equal(p, before[name])}
     assert changed and all(name.startswith("msn.") for name in changed)
+    assert module.model.student.training and all(not bn.training for bn in module.model.student_batchnorms)
 
 
 TABLE_4 = [dict(branches=b, pmn_inner=i, pmn_outer=o) for b in ("normality", "abnormality")

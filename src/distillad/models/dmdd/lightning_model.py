@@ -144,8 +144,7 @@ class DMDD(DistillationModule, AnomalibModule):
     def train_segmentation_epoch(self) -> float:
         """One pass of MSN training (Sec. 3.4) over the training images with teacher and student frozen."""
         optimizer = self._optimizer(1)
-        self.model.student.eval()
-        self.model.pmn.eval()
+        self.model.eval()
         self.model.msn.train()
         transform = self.pre_processor.transform if self.pre_processor else None
         total, count = 0.0, 0
@@ -163,8 +162,7 @@ class DMDD(DistillationModule, AnomalibModule):
             loss.backward()
             optimizer.step()
             total, count = total + float(loss), count + 1
-        self.model.student.train()
-        self.model.pmn.train()
+        self.model.train()  # keeps the teacher and the student's BatchNorm statistics frozen
         mean_loss = total / max(count, 1)
         self.log("train_seg_loss", mean_loss)
         return mean_loss

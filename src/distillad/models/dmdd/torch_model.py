@@ -270,6 +270,7 @@ class DMDDModel(nn.Module):
         self.msn = (MultiPerceptionSegmentationNetwork(4 * len(self.branches), image_size, pyramid_upsampling,
                                                        multi_perception, top_k) if msn else None)
         self.blur = gaussian_smoothing(sigma)
+        self.train()
 
     def train(self, mode: bool = True) -> DMDDModel:
         keep_frozen_in_eval(self, mode, [self.teacher, *self.student_batchnorms])
