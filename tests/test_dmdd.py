@@ -181,7 +181,7 @@ def test_every_ablation_row_builds_trains_one_step_and_predicts(options: dict) -
     sum(losses.values()).backward()
     if module.model.msn is not None:
         maps = module.model.distance_maps(anomalous)
-        logits, score = module.model.segment(maps, (SIZE, SIZE))
+        logits, score = module.model.msn(maps, (SIZE, SIZE))
         module.segmentation_loss(logits, score, masks).backward()
     module.model.eval()
     with torch.no_grad():
@@ -260,3 +260,14 @@ def test_msn_training_keeps_anomalies_ranked_above_normal_pixels() -> None:
     with torch.no_grad():
         logits, _ = msn(maps, (SIZE, SIZE))
     assert auroc(logits, masks) > 0.9
+
+
+def test_forward_with_components_matches_forward_from_one_pass() -> None:
+    model = make().model.eval()
+    images = real_images(2)
+    with torch.no_grad():
+        output, components = model.forward_with_components(images)
+        expected = model(images)
+    assert torch.equal(output.anomaly_map, expected.anomaly_map) and torch.equal(output.pred_score, expected.pred_score)
+    assert sorted(components) == [f"{p}_{i}" for p in ("aim", "ngm") for i in range(1, 5)]
+    assert all(m.shape == (2, 1, SIZE, SIZE) for m in components.values())

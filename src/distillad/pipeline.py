@@ -375,7 +375,7 @@ def predict(run_dir: Path, inputs: list[str | Path], out_dir: Path, batch_size: 
     out_dir = Path(out_dir)
     heatmap_dir = out_dir / "heatmaps"
     heatmap_dir.mkdir(parents=True, exist_ok=True)
-    breakdown = component_maps and hasattr(model.model, "component_maps")
+    breakdown = component_maps and hasattr(model.model, "forward_with_components")
     if component_maps and not breakdown:
         msg = f"model '{config.model}' has no component maps; drop --component-maps (DMDD provides them)"
         raise DistilladError(msg)
@@ -385,8 +385,9 @@ def predict(run_dir: Path, inputs: list[str | Path], out_dir: Path, batch_size: 
                         num_workers=num_workers, collate_fn=_collate)
     rows, used = [], set()
     for paths, images, errors in tqdm(loader, desc="predicting", unit="batch"):
-        output = model.model(images) if images is not None else None
-        components = model.model.component_maps(images) if breakdown and images is not None else None
+        output, components = None, None
+        if images is not None:
+            output, components = model.model.forward_with_components(images) if breakdown else (model.model(images), None)
         good_index = 0
         for path, error in zip(paths, errors):
             if error:

@@ -72,6 +72,11 @@ class DistillationModule:
         """
         return sorted(super().configure_callbacks(), key=lambda callback: callback is not self.evaluator)
 
+    def optimizer(self, index: int) -> torch.optim.Optimizer:
+        """Optimiser ``index`` of a manually optimised module (Lightning returns a bare one when there is one)."""
+        optimizers = self.optimizers()
+        return optimizers[index] if isinstance(optimizers, list) else optimizers
+
     @property
     def trainer_arguments(self) -> dict[str, Any]:
         return {"gradient_clip_val": 0, "num_sanity_val_steps": 0}

@@ -168,8 +168,7 @@ class AAND(DistillationModule, AnomalibModule):
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         del args, kwargs
         stage = self.stage
-        optimizers = self.optimizers()
-        optimizer = optimizers[0 if stage == 1 else -1] if isinstance(optimizers, list) else optimizers
+        optimizer = self.optimizer(0 if stage == 1 else -1)
         if stage == 1:
             loss, parts = self.amplification_step_loss(batch)
         else:

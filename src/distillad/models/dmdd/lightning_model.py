@@ -105,10 +105,6 @@ class DMDD(DistillationModule, AnomalibModule):
         callbacks = list(callbacks) if isinstance(callbacks, list | tuple) else [callbacks]
         return [*callbacks, SegmentationEpoch()] if self.model.msn is not None else callbacks
 
-    def _optimizer(self, index: int) -> optim.Optimizer:
-        optimizers = self.optimizers()
-        return optimizers[index] if isinstance(optimizers, list) else optimizers
-
     def distillation_losses(self, normal: torch.Tensor, anomalous: torch.Tensor,
                             masks: torch.Tensor) -> dict[str, torch.Tensor]:
         """L_NGM and L_AIM for a batch of normal images, their anomalous twins and the twins' masks."""
@@ -131,7 +127,7 @@ class DMDD(DistillationModule, AnomalibModule):
         normal, anomalous, masks = self.synthesizer(batch.image, keys=batch.image_path)
         losses = self.distillation_losses(normal, anomalous, masks)
         loss = sum(losses.values())
-        optimizer = self._optimizer(0)
+        optimizer = self.optimizer(0)
         optimizer.zero_grad()
         self.manual_backward(loss)
         optimizer.step()
@@ -143,7 +139,7 @@ class DMDD(DistillationModule, AnomalibModule):
 
     def train_segmentation_epoch(self) -> float:
         """One pass of MSN training (Sec. 3.4) over the training images with teacher and student frozen."""
-        optimizer = self._optimizer(1)
+        optimizer = self.optimizer(1)
         self.model.eval()
         self.model.msn.train()
         transform = self.pre_processor.transform if self.pre_processor else None
@@ -156,7 +152,7 @@ class DMDD(DistillationModule, AnomalibModule):
             pair_masks = torch.cat([torch.zeros_like(masks), masks])
             with torch.no_grad():
                 maps = self.model.distance_maps(pair)
-            logits, score = self.model.segment(maps, pair.shape[-2:])
+            logits, score = self.model.msn(maps, pair.shape[-2:])
             loss = self.segmentation_loss(logits, score, pair_masks)
             optimizer.zero_grad()
             loss.backward()

@@ -299,23 +299,25 @@ class DMDDModel(nn.Module):
         student = self.student_features(images)
         return {branch: [cosine_distance_map(t, s) for t, s in zip(teacher, student[branch])] for branch in student}
 
-    def component_maps(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The per-stage, per-branch maps upsampled to the input size (``ngm_1`` ... ``aim_4``; paper Fig. 8)."""
-        maps = self.distance_maps(images)
-        return {f"{MAP_PREFIX[branch]}_{stage + 1}": F.interpolate(m, size=images.shape[-2:], mode="bilinear",
-                                                                   align_corners=False)
-                for branch, branch_maps in maps.items() for stage, m in enumerate(branch_maps)}
-
-    def segment(self, maps: dict[str, list[torch.Tensor]], image_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """MSN logits and score for precomputed distance maps."""
-        return self.msn(maps, image_size)
-
-    def forward(self, images: torch.Tensor) -> InferenceBatch:
-        """Anomaly map and score: the MSN's sigmoid map M and S, or the smoothed plain sum without MSN."""
-        maps = self.distance_maps(images)
-        image_size = images.shape[-2:]
+    def fuse(self, maps: dict[str, list[torch.Tensor]], image_size: tuple[int, int]) -> InferenceBatch:
+        """Anomaly map and score from the distance maps: the MSN's sigmoid map M and S, or the smoothed plain sum
+        without MSN."""
         if self.msn is not None:
             logits, score = self.msn(maps, image_size)
             return InferenceBatch(pred_score=score, anomaly_map=torch.sigmoid(logits))
         anomaly_map = self.blur(upsampled_sum([m for branch_maps in maps.values() for m in branch_maps], image_size))
         return InferenceBatch(pred_score=image_score(anomaly_map), anomaly_map=anomaly_map)
+
+    def forward(self, images: torch.Tensor) -> InferenceBatch:
+        """Anomaly map and score of images in [0, 1]."""
+        return self.fuse(self.distance_maps(images), images.shape[-2:])
+
+    def forward_with_components(self, images: torch.Tensor) -> tuple[InferenceBatch, dict[str, torch.Tensor]]:
+        """The prediction and, from the same teacher/student pass, the per-stage, per-branch maps upsampled to
+        the input size (``ngm_1`` ... ``aim_4``; paper Fig. 8)."""
+        maps = self.distance_maps(images)
+        size = images.shape[-2:]
+        components = {f"{MAP_PREFIX[branch]}_{stage + 1}": F.interpolate(m, size=size, mode="bilinear",
+                                                                         align_corners=False)
+                      for branch, branch_maps in maps.items() for stage, m in enumerate(branch_maps)}
+        return self.fuse(maps, size), components
