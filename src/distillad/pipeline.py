@@ -147,12 +147,9 @@ def load_model(run_dir: Path) -> tuple[torch.nn.Module, RunConfig]:
 def collect(model: torch.nn.Module, dataloader: DataLoader, description: str) -> Predictions:
     """Run ``model`` over an anomalib dataloader and gather scores, maps and ground truth."""
     model.eval()
-    device = next(model.parameters()).device
-    transform = model.pre_processor.transform if model.pre_processor else None
     paths, scores, maps, labels, masks = [], [], [], [], []
     for batch in tqdm(dataloader, desc=description, unit="batch", leave=False):
-        images = batch.image if transform is None else transform(batch.image)
-        output = model.model(images.to(device))
+        output = model.model(model.model_inputs(batch.image))
         paths.extend(str(p) for p in batch.image_path)
         scores.append(output.pred_score.float().cpu())
         maps.append(output.anomaly_map.float().cpu())

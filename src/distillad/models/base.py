@@ -72,6 +72,15 @@ class DistillationModule:
         """
         return sorted(super().configure_callbacks(), key=lambda callback: callback is not self.evaluator)
 
+    def model_inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """Images from a dataloader as the torch model expects them: pre-processed (resized), on its device.
+
+        Lightning applies the pre-processor only to the batches of its own loops; loops a module or the
+        pipeline runs itself (MSN epochs, standardisation statistics, evaluation) go through here.
+        """
+        images = images.to(self.device)
+        return self.pre_processor.transform(images) if self.pre_processor else images
+
     def optimizer(self, index: int) -> torch.optim.Optimizer:
         """Optimiser ``index`` of a manually optimised module (Lightning returns a bare one when there is one)."""
         optimizers = self.optimizers()

@@ -142,12 +142,9 @@ class DMDD(DistillationModule, AnomalibModule):
         optimizer = self.optimizer(1)
         self.model.eval()
         self.model.msn.train()
-        transform = self.pre_processor.transform if self.pre_processor else None
         total, count = 0.0, 0
         for batch in tqdm(self.trainer.train_dataloader, desc="MSN epoch", leave=False, unit="batch"):
-            images = batch.image.to(self.device)
-            images = transform(images) if transform is not None else images
-            normal, anomalous, masks = self.fas_synthesizer(images, keys=batch.image_path)
+            normal, anomalous, masks = self.fas_synthesizer(self.model_inputs(batch.image), keys=batch.image_path)
             pair = torch.cat([normal, anomalous])
             pair_masks = torch.cat([torch.zeros_like(masks), masks])
             with torch.no_grad():

@@ -141,12 +141,11 @@ class DSKD(DistillationModule, AnomalibModule):
 
     def _normal_images(self, loader: Iterable[Batch]) -> Iterator[torch.Tensor]:
         """Pre-processed images of the normal samples (``gt_label == 0``) of ``loader``, on the model's device."""
-        transform = self.pre_processor.transform if isinstance(self.pre_processor, nn.Module) else None
         for batch in loader:
-            images = batch.image if transform is None else transform(batch.image)
+            images = self.model_inputs(batch.image)
             if batch.gt_label is not None:
                 images = images[batch.gt_label.to(images.device) == 0]
-            yield images.to(self.device)
+            yield images
 
     def fit_standardization(self, loaders: Sequence[Iterable[Batch]]) -> int:
         """Fit Eq. 8's mu/sigma on the normal images of the first loader that has any; returns their number.
