@@ -45,6 +45,22 @@ def _option(text: str) -> tuple[str, object]:
     return key.strip().replace("-", "_"), value
 
 
+def _name_list(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        msg = f"expected a comma-separated list of names, got '{text}'"
+        raise argparse.ArgumentTypeError(msg)
+    return names
+
+
+def _model_option(text: str) -> tuple[str, tuple[str, object]]:
+    model, separator, assignment = text.partition(":")
+    if not separator:
+        msg = f"expected MODEL:KEY=VALUE, got '{text}'"
+        raise argparse.ArgumentTypeError(msg)
+    return model.strip(), _option(assignment)
+
+
 class _OneLineErrorParser(argparse.ArgumentParser):
     """Usage mistakes print one line naming the option and exit 2 (``--help`` still shows everything)."""
 
@@ -103,6 +119,26 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--component-maps", action="store_true",
                          help="also save the per-stage, per-branch maps (DMDD: 4 NGM + 4 AIM) as OUT/components/*.png")
 
+    bench = commands.add_parser("benchmark", help="train and test models on categories; tables and plots like the papers'",
+                                description="Trains and tests every model on every category (one process per cell), "
+                                            "then writes OUT/results.json|csv|md and OUT/plots/*.png. A rerun with the "
+                                            "same --out skips finished cells; a failing cell is reported, the others go on.")
+    bench.add_argument("--models", type=_name_list, default=["rd"], help="comma-separated models (default: rd)")
+    bench.add_argument("--root", type=Path, required=True, help="dataset root in MVTec layout")
+    bench.add_argument("--categories", type=_name_list, required=True, help="comma-separated category folders under --root")
+    bench.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"timm encoder name (default: {DEFAULT_BACKBONE})")
+    bench.add_argument("--no-pretrained", action="store_true", help="random encoder weights (for comparisons only)")
+    bench.add_argument("--image-size", type=_image_size, default=256, help="square input size in pixels (default: 256)")
+    bench.add_argument("--epochs", type=_positive_int, default=1, help="training epochs per cell (default: 1)")
+    bench.add_argument("--batch-size", type=_positive_int, default=16, help="batch size (default: 16)")
+    bench.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    bench.add_argument("--option", type=_model_option, action="append", default=[], metavar="MODEL:KEY=VALUE",
+                       help="option for one model, repeatable (e.g. dmdd:msn=False)")
+    bench.add_argument("--train-limit", type=_positive_int, help="train on this many images per category (quick runs)")
+    bench.add_argument("--test-limit", type=_positive_int, help="test on this many images per category (quick runs)")
+    bench.add_argument("--out", type=Path, default=Path("runs/benchmark"), help="output folder (default: runs/benchmark)")
+    bench.add_argument("--no-plots", action="store_true", help="skip the ROC/PRO/example figures")
+
     commands.add_parser("models", help="list models and their options")
     return parser
 
@@ -137,6 +173,26 @@ def _fit_config(args: argparse.Namespace):
     )
 
 
+def _benchmark(args: argparse.Namespace) -> None:
+    from distillad.benchmark import BenchmarkSettings, run_benchmark
+
+    options: dict[str, dict] = {}
+    for model, (key, value) in args.option:
+        if model not in args.models:
+            raise DistilladError(f"--option {model}:{key}=... names a model not in --models ({','.join(args.models)})")
+        options.setdefault(model, {})[key] = value
+    settings = BenchmarkSettings(root=str(args.root), backbone=args.backbone, pretrained=not args.no_pretrained,
+                                 image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size,
+                                 seed=args.seed, train_limit=args.train_limit, test_limit=args.test_limit,
+                                 options=options)
+    rows = run_benchmark(settings, args.models, args.categories, args.out, plots=not args.no_plots)
+    print((args.out / "results.md").read_text())
+    failed = [f"{row['category']}/{row['model']}" for row in rows if "error" in row]
+    if failed:
+        raise DistilladError(f"{len(failed)} cell(s) failed ({', '.join(failed)}); see {args.out / 'results.md'}, "
+                             "fix the cause and rerun the same command to retry only those")
+
+
 def _list_models() -> None:
     from distillad.models.registry import MODELS, get_model_class, model_options
 
@@ -163,6 +219,8 @@ def run(argv: list[str] | None = None) -> int:
         flagged = sum(1 for row in rows if row["is_anomalous"] == 1)
         failed = sum(1 for row in rows if row["error"])
         print(f"{len(rows)} images, {flagged} anomalous, {failed} unreadable; see {args.out / 'predictions.csv'}")
+    elif args.command == "benchmark":
+        _benchmark(args)
     else:
         _list_models()
     return 0

@@ -6,14 +6,20 @@ A run directory holds everything a trained model needs::
     RUN/model.ckpt            the final Lightning checkpoint (teacher included, so no weights are needed offline)
     RUN/checkpoints/last.ckpt written every epoch; ``fit --resume`` continues from it
     RUN/metrics.json          test metrics (image/pixel AUROC, AUPRO, F1-max, timings)
-    RUN/test_scores.csv       per test image: path, label, score, decision
+    RUN/test_scores.csv       per test image: path, label, score, normalised score, decision
+RUN/curves.json           image ROC, pixel ROC and PRO curves of the test split
     RUN/heatmaps/*.png        anomaly-map overlays of the test images
 
-Decision threshold (``predict``'s ``is_anomalous``): the 99th percentile of the image scores of the
-held-out normal training images (``val_split_ratio`` of train/good, 10% by default), computed at the
-end of ``fit``. Without held-out images it falls back to the training images' scores. The F1-optimal
-threshold on the test split is reported beside it in ``metrics.json`` but never used for decisions,
-because it looks at test labels.
+Decision threshold (``predict``'s ``is_anomalous``): the 99th percentile (linear interpolation) of the
+image scores of the held-out normal training images (``val_split_ratio`` of train/good, 10% by default),
+computed at the end of ``fit``; it flags about 1% of normal images. Without held-out images it falls
+back to the training images' scores. The F1-optimal threshold on the test split is reported beside it in
+``metrics.json`` but never used for decisions, because it looks at test labels.
+
+Normalised scores (``normalized_score``, in [0, 1]) map the lowest held-out normal score to 0 and the
+threshold to 0.5, linearly, and clip at 1 (anomalib's min-max rule with the threshold at 0.5, where the
+maximum is taken symmetric to the minimum because no anomalous image is seen before testing). So
+``normalized_score >= 0.5`` is exactly ``is_anomalous``.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ from tqdm.auto import tqdm
 from distillad.data import FolderLayout, MVTecLayout, is_image_file, read_image
 from distillad.data.io import IMAGE_EXTENSIONS
 from distillad.errors import DistilladError
-from distillad.metrics import aupro, auroc, f1_max
+from distillad.metrics import aupro, auroc, f1_max, pro_curve, roc_curve
 from distillad.models.registry import get_model_class, model_options
 
 THRESHOLD_QUANTILE = 0.99
@@ -66,6 +72,7 @@ class RunConfig:
     num_workers: int = 0
     threshold: float | None = None
     threshold_source: str = ""
+    score_floor: float | None = None
     map_range: tuple[float, float] = (0.0, 1.0)
     versions: dict = field(default_factory=dict)
     test_limit: int | None = None
@@ -162,11 +169,31 @@ def collect(model: torch.nn.Module, dataloader: DataLoader, description: str) ->
                        torch.cat(labels) if labels else None, torch.cat(masks) if masks else None)
 
 
-def calibrate(normal: Predictions) -> tuple[float, tuple[float, float]]:
-    """Decision threshold and overlay range from held-out normal predictions (see module docstring)."""
-    threshold = float(torch.quantile(normal.scores.double(), THRESHOLD_QUANTILE))
+def decision_threshold(normal_scores: torch.Tensor, quantile: float = THRESHOLD_QUANTILE) -> float:
+    """The calibrated decision threshold: the ``quantile`` of normal image scores (see module docstring)."""
+    return float(torch.quantile(normal_scores.double().flatten(), quantile))
+
+
+def normalize_scores(scores: torch.Tensor, threshold: float, floor: float) -> torch.Tensor:
+    """Scores mapped to [0, 1]: ``floor`` -> 0, ``threshold`` -> 0.5, linear, clipped (module docstring)."""
+    spread = max(threshold - floor, 1e-12)
+    return (0.5 + 0.5 * (scores.double() - threshold) / spread).clamp(0, 1)
+
+
+@dataclass
+class Calibration:
+    """What ``fit`` learns from held-out normal images to turn raw outputs into decisions and pictures."""
+
+    threshold: float
+    score_floor: float
+    map_range: tuple[float, float]
+
+
+def calibrate(normal: Predictions) -> Calibration:
+    """Decision threshold, normalisation floor and overlay range from held-out normal predictions."""
+    threshold = decision_threshold(normal.scores)
     low = float(torch.quantile(normal.maps.flatten()[:: max(1, normal.maps.numel() // 1_000_000)].double(), 0.01))
-    return threshold, (low, max(threshold, low + 1e-6))
+    return Calibration(threshold, float(normal.scores.min()), (low, max(threshold, low + 1e-6)))
 
 
 def evaluate(predictions: Predictions, threshold: float) -> dict:
@@ -190,6 +217,21 @@ def evaluate(predictions: Predictions, threshold: float) -> dict:
         metrics["pixel_AUROC"] = auroc(predictions.maps, predictions.masks)
         metrics["pixel_AUPRO"] = aupro(predictions.maps, predictions.masks, fpr_limit=0.3)
     return metrics
+
+
+def _thinned(x: torch.Tensor, y: torch.Tensor, points: int) -> dict[str, list[float]]:
+    keep = torch.linspace(0, len(x) - 1, min(points, len(x))).round().long()
+    return {"x": [round(float(v), 6) for v in x[keep]], "y": [round(float(v), 6) for v in y[keep]]}
+
+
+def curves(predictions: Predictions, points: int = 300) -> dict[str, dict[str, list[float]]]:
+    """Image ROC, pixel ROC and PRO (FPR <= 0.3) curves, thinned to ``points`` points, for plots."""
+    labels = predictions.labels.long()
+    result = {"image_ROC": _thinned(*roc_curve(predictions.scores, labels), points)}
+    if predictions.masks is not None and predictions.masks.sum() > 0:
+        result["pixel_ROC"] = _thinned(*roc_curve(predictions.maps, predictions.masks), points)
+        result["PRO"] = _thinned(*pro_curve(predictions.maps, predictions.masks, fpr_limit=0.3), points)
+    return result
 
 
 def overlay(image_rgb: np.ndarray, anomaly_map: np.ndarray, map_range: tuple[float, float]) -> np.ndarray:
@@ -253,7 +295,8 @@ def fit(config: RunConfig, run_dir: Path, resume: bool = False, train_limit: int
     model.eval()
     has_val = getattr(datamodule, "val_data", None) is not None and len(datamodule.val_data) > 0
     normal_loader = datamodule.val_dataloader() if has_val else datamodule.train_dataloader()
-    config.threshold, config.map_range = calibrate(collect(model, normal_loader, "calibrating"))
+    calibration = calibrate(collect(model, normal_loader, "calibrating"))
+    config.threshold, config.score_floor, config.map_range = calibration.threshold, calibration.score_floor, calibration.map_range
     config.threshold_source = "held-out normal images" if has_val else "training images (no held-out split)"
     config.save(run_dir)
     metrics = test(run_dir, model=model, config=config, datamodule=datamodule, heatmaps=heatmaps)
@@ -279,14 +322,18 @@ def test(run_dir: Path, model: torch.nn.Module | None = None, config: RunConfig 
         msg = "the test split needs both normal and anomalous images to compute metrics; add test/good and defect folders"
         raise DistilladError(msg)
     metrics = evaluate(predictions, config.threshold)
+    (run_dir / "curves.json").write_text(json.dumps(curves(predictions)))
     metrics["test_ms_per_image"] = 1000 * seconds / len(predictions.paths)
     metrics.update({"model": config.model, "backbone": config.backbone, "image_size": config.image_size,
                     "epochs": config.epochs, "seed": config.seed})
     with (run_dir / "test_scores.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["path", "label", "score", "is_anomalous"])
-        for path, label, score in zip(predictions.paths, predictions.labels.long().tolist(), predictions.scores.tolist()):
-            writer.writerow([path, label, f"{score:.6f}", int(score >= config.threshold)])
+        writer.writerow(["path", "label", "score", "normalized_score", "is_anomalous"])
+        floor = config.score_floor if config.score_floor is not None else float(predictions.scores.min())
+        normalized = normalize_scores(predictions.scores, config.threshold, floor).tolist()
+        for path, label, score, unit in zip(predictions.paths, predictions.labels.long().tolist(),
+                                            predictions.scores.tolist(), normalized):
+            writer.writerow([path, label, f"{score:.6f}", f"{unit:.6f}", int(score >= config.threshold)])
     if heatmaps:
         write_heatmaps(predictions, run_dir / "heatmaps", tuple(config.map_range))
     previous = run_dir / "metrics.json"

@@ -1,6 +1,6 @@
 """Metrics anomalib lacks or computes wrongly on raw scores."""
 
-from distillad.metrics.ranking import RawScoreAUROC, aupro, auroc, f1_max, rank_normalize
+from distillad.metrics.ranking import RawScoreAUROC, aupro, auroc, f1_max, pro_curve, rank_normalize, roc_curve
 from distillad.metrics.spro import (
     DefectConfig,
     SaturatedRegion,
@@ -24,6 +24,8 @@ __all__ = [
     "load_defects_config",
     "loco_regions",
     "mvtec_loco_spro",
+    "pro_curve",
     "rank_normalize",
+    "roc_curve",
     "spro_curve",
 ]

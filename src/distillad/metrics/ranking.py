@@ -13,8 +13,9 @@ import torch
 from anomalib.metrics import AnomalibMetric
 from anomalib.metrics.aupro import _AUPRO
 from torchmetrics import Metric
-from torchmetrics.functional.classification import binary_auroc, binary_precision_recall_curve
+from torchmetrics.functional.classification import binary_auroc, binary_precision_recall_curve, binary_roc
 from torchmetrics.utilities import dim_zero_cat
+from torchmetrics.utilities.compute import auc
 
 
 def rank_normalize(values: torch.Tensor) -> torch.Tensor:
@@ -45,13 +46,25 @@ def f1_max(predictions: torch.Tensor, targets: torch.Tensor) -> tuple[float, flo
     return float(f1[best]), float(low + thresholds[best] * (high - low))
 
 
+def roc_curve(predictions: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """False- and true-positive rates of raw ``predictions`` over all thresholds (the curve :func:`auroc` integrates)."""
+    fpr, tpr, _ = binary_roc(rank_normalize(predictions.flatten()), targets.flatten().long(), thresholds=None)
+    return fpr, tpr
+
+
+def pro_curve(anomaly_maps: torch.Tensor, masks: torch.Tensor, fpr_limit: float = 0.3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-region overlap against the pixel false-positive rate, up to ``fpr_limit`` (anomalib's PRO curve)."""
+    metric = _AUPRO(fpr_limit=fpr_limit)
+    metric.update(anomaly_maps.squeeze(1).float(), masks.squeeze(1).long())
+    return metric._compute()
+
+
 def aupro(anomaly_maps: torch.Tensor, masks: torch.Tensor, fpr_limit: float = 0.3) -> float:
     """Normalised area under the per-region-overlap curve up to ``fpr_limit`` (anomalib's rank-based AUPRO)."""
     if masks.sum() == 0:
         return float("nan")
-    metric = _AUPRO(fpr_limit=fpr_limit)
-    metric.update(anomaly_maps.squeeze(1).float(), masks.squeeze(1).long())
-    return float(metric.compute())
+    fpr, pro = pro_curve(anomaly_maps, masks, fpr_limit)
+    return float(auc(fpr, pro, reorder=True) / fpr[-1])
 
 
 class _RawScoreAUROC(Metric):

@@ -1,0 +1,302 @@
+"""``distillad benchmark``: train and test every model on every category, then tabulate like the papers.
+
+Each (category, model) *cell* trains in its own spawned process through the same
+:func:`distillad.pipeline.fit` as ``distillad fit``, so peak memory is per cell and a crash or a bad
+category costs only that cell. The output folder::
+
+    OUT/benchmark.json                settings every cell shares (a rerun with other settings is refused)
+    OUT/cells/CATEGORY/MODEL/         the cell's run directory (``distillad predict --run`` works on it)
+    OUT/cells/CATEGORY/MODEL/result.json  written last: a cell with it is finished and skipped on rerun
+    OUT/results.json|csv|md           every cell: I-AUROC / P-AUROC / PRO / F1-max, timings, memory
+    OUT/plots/roc_CATEGORY.png        image and pixel ROC curves of every model
+    OUT/plots/pro_CATEGORY.png        PRO curves (FPR <= 0.3)
+    OUT/plots/examples_CATEGORY.png   image, ground truth and each model's anomaly map (papers' Fig. 7)
+
+A rerun skips finished cells; an interrupted cell resumes from its last epoch checkpoint; a failed cell
+is reported in the tables with its error and retried on the next run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import multiprocessing
+import os
+import platform
+import queue
+import resource
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distillad.errors import DistilladError
+
+EXAMPLES_PER_CATEGORY = 4
+
+
+@dataclass
+class BenchmarkSettings:
+    """What every cell of one benchmark shares; stored in ``OUT/benchmark.json``."""
+
+    root: str
+    backbone: str = "tf_efficientnet_lite0"
+    pretrained: bool = True
+    image_size: int = 256
+    epochs: int = 1
+    batch_size: int = 16
+    seed: int = 0
+    train_limit: int | None = None
+    test_limit: int | None = None
+    options: dict[str, dict] = field(default_factory=dict)
+
+    def check_compatible(self, out: Path) -> None:
+        """Refuse to mix cells trained with other settings into ``out``; record the settings otherwise."""
+        path = out / "benchmark.json"
+        current = json.loads(json.dumps(asdict(self)))
+        if path.is_file():
+            stored = json.loads(path.read_text())
+            changed = sorted(key for key in current if stored.get(key) != current[key])
+            if changed:
+                msg = (f"{out} holds a benchmark with other settings ({', '.join(changed)} differ); "
+                       "pass another --out, or the same settings to resume it")
+                raise DistilladError(msg)
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(current, indent=2))
+
+
+def cell_dir(out: Path, category: str, model: str) -> Path:
+    """Run directory of one cell."""
+    return out / "cells" / category / model
+
+
+def latency_ms(model: torch.nn.Module, image_size: int, batch_size: int, repeats: int) -> float:
+    """Mean milliseconds per image of the torch model on random input, after one warm-up pass."""
+    images = torch.rand(batch_size, 3, image_size, image_size)
+    with torch.no_grad():
+        model(images)
+        started = time.perf_counter()
+        for _ in range(repeats):
+            model(images)
+    return 1000 * (time.perf_counter() - started) / (repeats * batch_size)
+
+
+def _example_images(run_dir: Path, count: int) -> list[tuple[str, str]]:
+    """(image, mask) paths of anomalous test images, one defect type after another, in path order."""
+    from distillad.data import mvtec_samples
+
+    config = json.loads((run_dir / "config.json").read_text())
+    with (run_dir / "test_scores.csv").open() as handle:
+        tested = {row["path"] for row in csv.DictReader(handle) if row["label"] == "1"}
+    samples = mvtec_samples(config["data"]["root"], config["data"]["category"])
+    anomalous = samples[samples.image_path.isin(tested)].sort_values("image_path")
+    per_type = [list(zip(group.image_path, group.mask_path)) for _, group in anomalous.groupby("label", sort=True)]
+    picked: list[tuple[str, str]] = []
+    while len(picked) < count and any(per_type):
+        for remaining in per_type:
+            if remaining and len(picked) < count:
+                picked.append(remaining.pop(0))
+    return picked
+
+
+@torch.no_grad()
+def _save_examples(model: torch.nn.Module, run_dir: Path, image_size: int) -> None:
+    from torchvision.transforms.v2.functional import resize
+
+    from distillad.data import read_image
+
+    picked = _example_images(run_dir, EXAMPLES_PER_CATEGORY)
+    if not picked:
+        return
+    images = torch.stack([resize(torch.from_numpy(read_image(path)).permute(2, 0, 1).float() / 255,
+                                 [image_size, image_size], antialias=True) for path, _ in picked])
+    maps = model(images).anomaly_map[:, 0].numpy().astype(np.float32)
+    np.savez_compressed(run_dir / "examples.npz", maps=maps, images=np.array([p for p, _ in picked]),
+                        masks=np.array([m for _, m in picked]))
+
+
+def run_cell(settings: BenchmarkSettings, category: str, model_name: str, run_dir: Path) -> dict:
+    """Train, test and time one cell in this process; writes and returns its ``result.json``."""
+    from distillad.pipeline import RunConfig, fit, load_model
+
+    started = time.perf_counter()
+    config = RunConfig(model=model_name, model_options=settings.options.get(model_name, {}),
+                       data={"kind": "mvtec", "root": settings.root, "category": category},
+                       backbone=settings.backbone, pretrained=settings.pretrained, image_size=settings.image_size,
+                       epochs=settings.epochs, batch_size=settings.batch_size, seed=settings.seed)
+    metrics = fit(config, run_dir, resume=True, heatmaps=False, train_limit=settings.train_limit,
+                  test_limit=settings.test_limit)
+    module, config = load_model(run_dir)
+    _save_examples(module.model, run_dir, config.image_size)
+    result = {
+        "category": category, "model": model_name, **metrics,
+        "infer_ms_per_image_batch1": latency_ms(module.model, config.image_size, 1, 10),
+        "infer_ms_per_image_batch32": latency_ms(module.model, config.image_size, 32, 2),
+        "peak_memory_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "parameters_M": sum(p.numel() for p in module.parameters()) / 1e6,
+        "trainable_parameters_M": sum(p.numel() for p in module.parameters() if p.requires_grad) / 1e6,
+        "torch_threads": torch.get_num_threads(),
+        "cell_seconds": time.perf_counter() - started,
+        "versions": config.versions,
+    }
+    (run_dir / "result.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _cell_process(settings: BenchmarkSettings, category: str, model_name: str, run_dir: Path,
+                  results: multiprocessing.Queue) -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    try:
+        results.put(run_cell(settings, category, model_name, run_dir))
+    except DistilladError as error:
+        results.put({"error": str(error)})
+    except Exception as error:  # any crash is this cell's result; the other cells go on
+        where = traceback.extract_tb(error.__traceback__)[-1]
+        results.put({"error": f"{type(error).__name__}: {error} ({Path(where.filename).name}:{where.lineno})"})
+
+
+def run_isolated(settings: BenchmarkSettings, category: str, model_name: str, run_dir: Path) -> dict:
+    """:func:`run_cell` in a fresh spawned process; a failure comes back as ``{"error": ...}``."""
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    process = context.Process(target=_cell_process, args=(settings, category, model_name, run_dir, results))
+    process.start()
+    result = None
+    while result is None and (process.is_alive() or not results.empty()):
+        try:
+            result = results.get(timeout=1)
+        except queue.Empty:
+            continue
+    process.join()
+    if result is None:
+        result = {"error": f"the cell's process died with exit code {process.exitcode} (out of memory?)"}
+    return {"category": category, "model": model_name, **result}
+
+
+def run_benchmark(settings: BenchmarkSettings, models: list[str], categories: list[str], out: Path,
+                  plots: bool = True, log=print) -> list[dict]:
+    """Every cell of ``categories`` x ``models`` (finished ones are read back), then tables and plots."""
+    from distillad.models.registry import get_model_class
+
+    for name in models:
+        get_model_class(name)
+    out = Path(out)
+    settings.check_compatible(out)
+    rows = []
+    for category in categories:
+        for model_name in models:
+            run_dir = cell_dir(out, category, model_name)
+            finished = run_dir / "result.json"
+            if finished.is_file():
+                log(f"[{category} / {model_name}] finished earlier; skipped")
+                rows.append(json.loads(finished.read_text()))
+            else:
+                log(f"[{category} / {model_name}] training {settings.epochs} epoch(s)")
+                rows.append(run_isolated(settings, category, model_name, run_dir))
+                if "error" in rows[-1]:
+                    log(f"[{category} / {model_name}] failed: {rows[-1]['error']}")
+            write_tables(rows, settings, models, categories, out)
+    if plots:
+        from distillad.plots import plot_category
+
+        for category in categories:
+            plot_category(out, category, [row for row in rows if row["category"] == category and "error" not in row])
+        write_tables(rows, settings, models, categories, out)
+    log(f"results: {out / 'results.md'}")
+    return rows
+
+
+def _percent_triplet(row: dict) -> str:
+    if "error" in row:
+        return "failed"
+    return "/".join(f"{100 * row[key]:.1f}" if key in row else "-" for key in ("image_AUROC", "pixel_AUROC", "pixel_AUPRO"))
+
+
+def _mean(rows: list[dict], key: str) -> float | None:
+    values = [row[key] for row in rows if key in row and "error" not in row]
+    return sum(values) / len(values) if values else None
+
+
+def _format(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
+    return "-" if value is None else str(value)
+
+
+DETAIL_COLUMNS = [("image_AUROC", "I-AUROC"), ("pixel_AUROC", "P-AUROC"), ("pixel_AUPRO", "AUPRO"),
+                  ("image_F1max", "I-F1max"), ("image_F1_at_threshold", "I-F1 @ calibrated thr."),
+                  ("seconds_per_epoch", "train s/epoch"), ("infer_ms_per_image_batch1", "ms/img b1"),
+                  ("infer_ms_per_image_batch32", "ms/img b32"), ("peak_memory_MB", "peak MB"),
+                  ("trainable_parameters_M", "trainable M")]
+
+
+def detail_table(rows: list[dict], label_keys: tuple[str, ...] = ("category", "model")) -> str:
+    """A markdown table with one line per run: quality, speed and memory, or the run's error."""
+    lines = ["| " + " | ".join([*label_keys, *(title for _, title in DETAIL_COLUMNS)]) + " |",
+             "|" + "---|" * (len(label_keys) + len(DETAIL_COLUMNS))]
+    for row in rows:
+        labels = [str(row.get(key, "")) for key in label_keys]
+        if "error" in row:
+            cells = [f"failed: {row['error']}"] + [""] * (len(DETAIL_COLUMNS) - 1)
+        else:
+            cells = [_format(row.get(key)) for key, _ in DETAIL_COLUMNS]
+        lines.append("| " + " | ".join(labels + cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown(rows: list[dict], settings: BenchmarkSettings, models: list[str], categories: list[str],
+             plots: list[str] | None = None) -> str:
+    """``results.md``: the papers' I-AUC/P-AUC/PRO table with category means, then every run in detail."""
+    by_cell = {(row["category"], row["model"]): row for row in rows}
+    versions = next((row["versions"] for row in rows if "versions" in row), {})
+    limits = ", ".join(f"{name} {value}" for name, value in (("train limit", settings.train_limit),
+                                                              ("test limit", settings.test_limit)) if value)
+    lines = [
+        f"# distillad benchmark: {', '.join(models)} on {', '.join(categories)}", "",
+        f"{settings.backbone} ({'ImageNet weights' if settings.pretrained else 'random weights'}), "
+        f"{settings.image_size} px, {settings.epochs} epoch(s), batch {settings.batch_size}, seed {settings.seed}"
+        + (f", {limits}" if limits else "") + (f", options {settings.options}" if settings.options else "")
+        + f"; {platform.machine()} with {os.cpu_count()} CPU cores"
+        + (f", {rows[0].get('torch_threads')} torch thread(s)" if rows and "torch_threads" in rows[0] else "") + ".",
+        "Versions: " + ", ".join(f"{name} {value}" for name, value in versions.items()) + ".", "",
+        "## Image AUROC / pixel AUROC / PRO (%)", "",
+        "| category | " + " | ".join(models) + " |", "|" + "---|" * (len(models) + 1),
+    ]
+    for category in categories:
+        lines.append(f"| {category} | " + " | ".join(_percent_triplet(by_cell.get((category, m), {"error": ""}))
+                                                      if (category, m) in by_cell else "pending" for m in models) + " |")
+    means = []
+    for model_name in models:
+        done = [by_cell[(c, model_name)] for c in categories if "error" not in by_cell.get((c, model_name), {"error": ""})]
+        triplet = "/".join(f"{100 * value:.1f}" if (value := _mean(done, key)) is not None else "-"
+                           for key in ("image_AUROC", "pixel_AUROC", "pixel_AUPRO"))
+        means.append(triplet + ("" if len(done) == len(categories) else f" ({len(done)} of {len(categories)})"))
+    lines += ["| **mean** | " + " | ".join(means) + " |", "", "## Every run", "", detail_table(rows), "",
+              "I-F1max uses the F1-optimal threshold on the test split (reported only); I-F1 @ calibrated thr. uses the "
+              "decision threshold from held-out normal images (99th percentile), which `distillad predict` applies. "
+              "ms/img: torch inference on random input after a warm-up; peak MB: the cell process's maximum RSS.", ""]
+    if plots:
+        lines += ["Plots: " + ", ".join(f"`{name}`" for name in plots), ""]
+    return "\n".join(lines)
+
+
+CSV_FIELDS = ["category", "model", "image_AUROC", "pixel_AUROC", "pixel_AUPRO", "image_F1max", "image_F1max_threshold",
+              "image_F1_at_threshold", "threshold", "train_seconds", "seconds_per_epoch", "test_ms_per_image",
+              "infer_ms_per_image_batch1", "infer_ms_per_image_batch32", "peak_memory_MB", "parameters_M",
+              "trainable_parameters_M", "backbone", "image_size", "epochs", "seed", "torch_threads", "error"]
+
+
+def write_tables(rows: list[dict], settings: BenchmarkSettings, models: list[str], categories: list[str], out: Path) -> None:
+    """``results.json``, ``results.csv`` and ``results.md`` for the cells done so far."""
+    (out / "results.json").write_text(json.dumps({"settings": asdict(settings), "cells": rows}, indent=2))
+    with (out / "results.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    plots = sorted(f"plots/{path.name}" for path in (out / "plots").glob("*.png"))
+    (out / "results.md").write_text(markdown(rows, settings, models, categories, plots))
