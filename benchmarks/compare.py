@@ -1,4 +1,4 @@
-"""Merge benchmark result files into one comparison table (JSON + markdown).
+"""Merge benchmark result files (lists of runs with a ``name``) into one comparison table (JSON + markdown).
 
     python benchmarks/compare.py benchmarks/results/rd_mtd_1epoch.json benchmarks/results/dmdd_mtd_paper_lr.json \\
         --out benchmarks/results/dmdd_mtd --title "DMDD vs RD on mtd"
@@ -10,12 +10,12 @@ import argparse
 import json
 from pathlib import Path
 
-from run import markdown
+from distillad.benchmark import detail_table
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("inputs", type=Path, nargs="+", help="result JSON files written by run.py")
+    parser.add_argument("inputs", type=Path, nargs="+", help="result JSON files (lists of runs)")
     parser.add_argument("--out", type=Path, required=True, help="output path without suffix")
     parser.add_argument("--title", required=True)
     parser.add_argument("--rename", action="append", default=[], metavar="FILE_STEM:RUN=NEW",
@@ -31,8 +31,9 @@ def main() -> None:
         for row in json.loads(path.read_text()):
             rows.append({**row, "name": renames.get((path.stem, row["name"]), row["name"])})
     args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2))
-    args.out.with_suffix(".md").write_text(markdown(rows, args.title))
-    print(markdown(rows, args.title))
+    text = f"# {args.title}\n\n{detail_table(rows, ('name', 'epochs'))}\n"
+    args.out.with_suffix(".md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

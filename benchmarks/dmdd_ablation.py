@@ -13,7 +13,9 @@ import argparse
 import json
 from pathlib import Path
 
-from run import ROOT, markdown, run_isolated
+from distillad.benchmark import BenchmarkSettings, detail_table, run_isolated
+
+ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 TABLE_4 = [
     ("normality, no PMN", {"branches": "normality", "pmn_inner": False, "pmn_outer": False, "msn": False}),
@@ -44,15 +46,14 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for name, options in TABLE_4 + TABLE_5:
-        spec = {"name": name, "model": "dmdd", "dataset": args.dataset, "root": args.root, "epochs": args.epochs,
-                "image_size": args.image_size, "batch_size": 16, "backbone": "tf_efficientnet_lite0", "seed": 0,
-                "pretrained": True, "options": {**options, "lr": args.lr}, "train_limit": args.train_limit,
-                "run_dir": Path("benchmarks/runs") / f"{args.out.name}-{len(rows)}"}
-        rows.append(run_isolated(spec))
+        settings = BenchmarkSettings(root=str(args.root), image_size=args.image_size, epochs=args.epochs,
+                                     train_limit=args.train_limit, options={"dmdd": {**options, "lr": args.lr}})
+        run_dir = Path("benchmarks/runs") / f"{args.out.name}-{len(rows)}"
+        rows.append({"name": name, **run_isolated(settings, args.dataset, "dmdd", run_dir)})
         args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2))
         title = (f"DMDD ablations on {args.dataset} (tf_efficientnet_lite0, {args.image_size} px, {args.epochs} epoch(s), "
                  f"first {args.train_limit} training images, lr {args.lr}, full test split, 2 CPU cores)")
-        args.out.with_suffix(".md").write_text(markdown(rows, title))
+        args.out.with_suffix(".md").write_text(f"# {title}\n\n{detail_table(rows, ('name',))}\n")
 
 
 if __name__ == "__main__":
