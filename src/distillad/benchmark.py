@@ -27,6 +27,7 @@ import queue
 import resource
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -179,8 +180,12 @@ def run_isolated(settings: BenchmarkSettings, category: str, model_name: str, ru
 
 
 def run_benchmark(settings: BenchmarkSettings, models: list[str], categories: list[str], out: Path,
-                  plots: bool = True, log=print) -> list[dict]:
-    """Every cell of ``categories`` x ``models`` (finished ones are read back), then tables and plots."""
+                  plots: bool = True, log: Callable[[str], None] | None = None) -> list[dict]:
+    """Every cell of ``categories`` x ``models`` (finished ones are read back), then tables and plots.
+
+    Progress lines go to ``log`` (default: printed and flushed at once, so a redirected log stays current).
+    """
+    log = log or (lambda line: print(line, flush=True))
     from distillad.models.registry import get_model_class
 
     for name in models:
