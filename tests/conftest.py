@@ -47,17 +47,36 @@ def load_images():
     return _load_images
 
 
+def _fit_weld(shared_data: Path, run_dir: Path, model: str, epochs: int, options: dict) -> tuple[dict, Path]:
+    from distillad.pipeline import RunConfig, fit
+
+    config = RunConfig(model=model, model_options=options,
+                       data={"kind": "mvtec", "root": str(shared_data), "category": "weld"},
+                       image_size=64, epochs=epochs, batch_size=4)
+    return fit(config, run_dir, train_limit=8, test_limit=8, heatmaps=False), run_dir
+
+
 @pytest.fixture
 def fit_weld_subset(shared_data: Path, tmp_path: Path):
     """``fit_weld_subset(model, epochs=1, **options)``: train and test ``model`` on a tiny weld subset at 64 px
-    through :func:`distillad.pipeline.fit`; returns ``(metrics, run_dir)``."""
-    from distillad.pipeline import RunConfig, fit
+    (8 training, 8 test images) through :func:`distillad.pipeline.fit`; returns ``(metrics, run_dir)``."""
 
     def fit_subset(model: str, epochs: int = 1, **options) -> tuple[dict, Path]:
-        config = RunConfig(model=model, model_options=options,
-                           data={"kind": "mvtec", "root": str(shared_data), "category": "weld"},
-                           image_size=64, epochs=epochs, batch_size=4)
-        run_dir = tmp_path / f"{model}-run"
-        return fit(config, run_dir, train_limit=8, test_limit=8, heatmaps=False), run_dir
+        return _fit_weld(shared_data, tmp_path / f"{model}-run", model, epochs, options)
 
     return fit_subset
+
+
+@pytest.fixture(scope="session")
+def shared_weld_run(shared_data: Path, tmp_path_factory: pytest.TempPathFactory):
+    """``shared_weld_run(model, epochs=1, **options)``: as ``fit_weld_subset``, but trained once per session for
+    the same arguments; tests must not change the run directory."""
+    runs: dict[tuple, tuple[dict, Path]] = {}
+
+    def get(model: str, epochs: int = 1, **options) -> tuple[dict, Path]:
+        key = (model, epochs, tuple(sorted(options.items())))
+        if key not in runs:
+            runs[key] = _fit_weld(shared_data, tmp_path_factory.mktemp(model) / "run", model, epochs, options)
+        return runs[key]
+
+    return get

@@ -13,8 +13,8 @@ import torch
 from distillad.benchmark import BenchmarkSettings, _example_images, markdown, run_benchmark
 from distillad.cli import main
 from distillad.errors import DistilladError
+from distillad.inference import decision_threshold, normalize_scores
 from distillad.metrics import aupro, auroc, pro_curve, roc_curve
-from distillad.pipeline import decision_threshold, normalize_scores
 
 # --- threshold rule and normalised scores on toy scores --------------------------------------------------
 

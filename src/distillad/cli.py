@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 from distillad.errors import DistilladError
+from distillad.runtime import MODEL_FILES as EXPORT_FORMATS
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 
@@ -107,17 +108,40 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("--run", type=Path, required=True, help="run directory written by 'distillad fit'")
     test.add_argument("--no-heatmaps", action="store_true", help="do not write heatmap overlays")
 
-    predict = commands.add_parser("predict", help="score images with a trained run",
-                                  description="Writes OUT/predictions.csv (path, score, is_anomalous, error) and "
-                                              "OUT/heatmaps/*.png. is_anomalous uses the threshold calibrated at fit "
-                                              "time (99th percentile of held-out normal scores).")
-    predict.add_argument("--run", type=Path, required=True, help="run directory written by 'distillad fit'")
+    predict = commands.add_parser("predict", help="score images with a trained run or an exported model",
+                                  description="Writes OUT/predictions.csv (path, score, normalized_score, is_anomalous, "
+                                              "error) row by row and OUT/heatmaps/*.png. is_anomalous uses the threshold "
+                                              "calibrated at fit time (99th percentile of held-out normal scores); "
+                                              "normalized_score maps it to 0.5 (empty for runs saved without a score floor). "
+                                              "--exported runs an export folder in its runtime instead of the PyTorch "
+                                              "checkpoint (no Lightning module involved).")
+    model_source = predict.add_mutually_exclusive_group(required=True)
+    model_source.add_argument("--run", type=Path, help="run directory written by 'distillad fit' (PyTorch)")
+    model_source.add_argument("--exported", type=Path, metavar="DIR",
+                              help="export folder written by 'distillad export' (e.g. RUN/export/onnx): ONNX Runtime, "
+                                   "OpenVINO or torch.export, as its metadata.json says")
     predict.add_argument("--input", type=Path, nargs="+", required=True, help="image files and/or folders")
     predict.add_argument("--out", type=Path, required=True, help="output folder")
     predict.add_argument("--batch-size", type=_positive_int, default=16, help="images per batch (default: 16)")
     predict.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes (default: 0)")
     predict.add_argument("--component-maps", action="store_true",
                          help="also save the per-stage, per-branch maps (DMDD: 4 NGM + 4 AIM) as OUT/components/*.png")
+    predict.add_argument("--no-heatmaps", action="store_true", help="do not write heatmap overlays (faster)")
+    predict.add_argument("--threads", type=_positive_int, help="inference threads (default: the runtime's, all cores)")
+
+    export = commands.add_parser("export", help="export a run to ONNX, OpenVINO or torch.export, checked against PyTorch",
+                                 description="Writes OUT/FORMAT/ for each --format: the model file and metadata.json "
+                                             "(the run's threshold and normalisation, input/output names, versions and "
+                                             "the measured parity). Fails if the exported model differs from PyTorch "
+                                             "by more than 1e-4 on real images. Run it with 'distillad predict "
+                                             "--exported OUT/FORMAT' or distillad.runtime.load_exported.")
+    export.add_argument("--run", type=Path, required=True, help="run directory written by 'distillad fit'")
+    export.add_argument("--format", dest="formats", nargs="+", required=True, choices=sorted(EXPORT_FORMATS),
+                        help="one or more formats; several share one trace")
+    export.add_argument("--out", type=Path, help="output folder (default: RUN/export)")
+    export.add_argument("--images", type=Path, nargs="+",
+                        help="images or folders for the parity check (default: up to 8 of the run's test images)")
+    export.add_argument("--threads", type=_positive_int, help="runtime threads of the parity check (default: all cores)")
 
     bench = commands.add_parser("benchmark", help="train and test models on categories; tables and plots like the papers'",
                                 description="Trains and tests every model on every category (one process per cell), "
@@ -193,6 +217,33 @@ def _benchmark(args: argparse.Namespace) -> None:
                              "fix the cause and rerun the same command to retry only those")
 
 
+def _predict(args: argparse.Namespace) -> None:
+    if args.exported is not None:
+        from distillad.inference import predict_exported
+
+        if args.component_maps:
+            raise DistilladError("--component-maps needs the PyTorch model (--run RUN); exported models give the fused map only")
+        summary = predict_exported(args.exported, args.input, args.out, args.batch_size, args.num_workers,
+                                            heatmaps=not args.no_heatmaps, threads=args.threads)
+    else:
+        from distillad import pipeline
+
+        summary = pipeline.predict(args.run, args.input, args.out, args.batch_size, args.num_workers,
+                                   args.component_maps, heatmaps=not args.no_heatmaps, threads=args.threads)
+    print(f"{summary.images} images, {summary.anomalous} anomalous, {summary.unreadable} unreadable; "
+          f"see {summary.csv_path}")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from distillad.export import export_formats
+
+    files = export_formats(args.run, args.formats, args.out, args.images, args.threads)
+    for fmt, path in files.items():
+        parity = json.loads((path.parent / "metadata.json").read_text())["parity"]
+        print(f"{fmt}: {path} (max |difference| to PyTorch on {parity['images']} images: anomaly map "
+              f"{parity['max_abs_anomaly_map']:.1e}, score {parity['max_abs_pred_score']:.1e})")
+
+
 def _list_models() -> None:
     from distillad.models.registry import MODELS, get_model_class, model_options
 
@@ -204,8 +255,8 @@ def _list_models() -> None:
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
     args = build_parser().parse_args(argv)
-    from distillad import pipeline
-
+    if args.command in ("fit", "test"):
+        from distillad import pipeline  # Lightning loads only for the commands that need it
     if args.command == "fit":
         metrics = pipeline.fit(_fit_config(args), args.out, resume=args.resume, train_limit=args.train_limit,
                                test_limit=args.test_limit, heatmaps=not args.no_heatmaps)
@@ -214,11 +265,9 @@ def run(argv: list[str] | None = None) -> int:
     elif args.command == "test":
         print(json.dumps(pipeline.test(args.run, heatmaps=not args.no_heatmaps), indent=2))
     elif args.command == "predict":
-        rows = pipeline.predict(args.run, args.input, args.out, args.batch_size, args.num_workers,
-                                args.component_maps)
-        flagged = sum(1 for row in rows if row["is_anomalous"] == 1)
-        failed = sum(1 for row in rows if row["error"])
-        print(f"{len(rows)} images, {flagged} anomalous, {failed} unreadable; see {args.out / 'predictions.csv'}")
+        _predict(args)
+    elif args.command == "export":
+        _export(args)
     elif args.command == "benchmark":
         _benchmark(args)
     else:

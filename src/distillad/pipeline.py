@@ -10,16 +10,11 @@ A run directory holds everything a trained model needs::
 RUN/curves.json           image ROC, pixel ROC and PRO curves of the test split
     RUN/heatmaps/*.png        anomaly-map overlays of the test images
 
-Decision threshold (``predict``'s ``is_anomalous``): the 99th percentile (linear interpolation) of the
-image scores of the held-out normal training images (``val_split_ratio`` of train/good, 10% by default),
-computed at the end of ``fit``; it flags about 1% of normal images. Without held-out images it falls
-back to the training images' scores. The F1-optimal threshold on the test split is reported beside it in
-``metrics.json`` but never used for decisions, because it looks at test labels.
-
-Normalised scores (``normalized_score``, in [0, 1]) map the lowest held-out normal score to 0 and the
-threshold to 0.5, linearly, and clip at 1 (anomalib's min-max rule with the threshold at 0.5, where the
-maximum is taken symmetric to the minimum because no anomalous image is seen before testing). So
-``normalized_score >= 0.5`` is exactly ``is_anomalous``.
+Calibration (rule in :mod:`distillad.inference`): at the end of ``fit`` the decision threshold and the
+normalisation floor come from the held-out normal training images (``val_split_ratio`` of train/good, 10%
+by default), or from the training images when none are held out. The F1-optimal threshold on the test
+split is reported beside it in ``metrics.json`` but never used for decisions, because it looks at test
+labels.
 """
 
 from __future__ import annotations
@@ -41,17 +36,25 @@ import torch
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from torchvision.transforms.v2.functional import resize
 from tqdm.auto import tqdm
 
-from distillad.data import FolderLayout, MVTecLayout, is_image_file, read_image
-from distillad.data.io import IMAGE_EXTENSIONS
+from distillad.data import FolderLayout, MVTecLayout, read_image
 from distillad.errors import DistilladError
+from distillad.inference import (
+    PredictionSummary,
+    Scorer,
+    decision_threshold,
+    normalize_scores,
+    overlay,
+    predict_images,
+    score_normalizer,
+    unique_name,
+)
 from distillad.metrics import aupro, auroc, f1_max, pro_curve, roc_curve
 from distillad.models.registry import get_model_class, model_options
 
-THRESHOLD_QUANTILE = 0.99
 DISABLED_COMPONENTS = {"post_processor": False, "evaluator": False, "visualizer": False}
 
 
@@ -169,17 +172,6 @@ def collect(model: torch.nn.Module, dataloader: DataLoader, description: str) ->
                        torch.cat(labels) if labels else None, torch.cat(masks) if masks else None)
 
 
-def decision_threshold(normal_scores: torch.Tensor, quantile: float = THRESHOLD_QUANTILE) -> float:
-    """The calibrated decision threshold: the ``quantile`` of normal image scores (see module docstring)."""
-    return float(torch.quantile(normal_scores.double().flatten(), quantile))
-
-
-def normalize_scores(scores: torch.Tensor, threshold: float, floor: float) -> torch.Tensor:
-    """Scores mapped to [0, 1]: ``floor`` -> 0, ``threshold`` -> 0.5, linear, clipped (module docstring)."""
-    spread = max(threshold - floor, 1e-12)
-    return (0.5 + 0.5 * (scores.double() - threshold) / spread).clamp(0, 1)
-
-
 @dataclass
 class Calibration:
     """What ``fit`` learns from held-out normal images to turn raw outputs into decisions and pictures."""
@@ -234,33 +226,13 @@ def curves(predictions: Predictions, points: int = 300) -> dict[str, dict[str, l
     return result
 
 
-def overlay(image_rgb: np.ndarray, anomaly_map: np.ndarray, map_range: tuple[float, float]) -> np.ndarray:
-    """A BGR picture: the image blended with the JET-coloured map (red = at or above the decision threshold)."""
-    low, high = map_range
-    scaled = np.clip((anomaly_map - low) / (high - low), 0, 1)
-    scaled = cv2.resize(scaled.astype(np.float32), (image_rgb.shape[1], image_rgb.shape[0]))
-    heat = cv2.applyColorMap((scaled * 255).astype(np.uint8), cv2.COLORMAP_JET)
-    return cv2.addWeighted(cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR), 0.5, heat, 0.5, 0)
-
-
-def _unique_name(path: str, used: set[str]) -> str:
-    parts = Path(path).parts
-    name = "_".join(parts[-2:]) if len(parts) > 1 else parts[-1]
-    stem = Path(name).stem
-    candidate, index = stem, 1
-    while candidate in used:
-        candidate, index = f"{stem}_{index}", index + 1
-    used.add(candidate)
-    return candidate
-
-
 def write_heatmaps(predictions: Predictions, out_dir: Path, map_range: tuple[float, float]) -> None:
     """One overlay PNG per image, at the image's original resolution."""
     out_dir.mkdir(parents=True, exist_ok=True)
     used: set[str] = set()
     for path, anomaly_map in tqdm(list(zip(predictions.paths, predictions.maps)), desc="heatmaps", leave=False):
         image = read_image(path)
-        cv2.imwrite(str(out_dir / f"{_unique_name(path, used)}.png"), overlay(image, anomaly_map[0].numpy(), map_range))
+        cv2.imwrite(str(out_dir / f"{unique_name(path, used)}.png"), overlay(image, anomaly_map[0].numpy(), map_range))
 
 
 def _trainer(config: RunConfig, run_dir: Path, model: torch.nn.Module) -> Trainer:
@@ -343,114 +315,27 @@ def test(run_dir: Path, model: torch.nn.Module | None = None, config: RunConfig 
     return metrics
 
 
-class _PathDataset(Dataset):
-    """Images given by path, read robustly; unreadable files yield an error string instead of failing the run."""
-
-    def __init__(self, paths: list[Path], size: int) -> None:
-        self.paths, self.size = paths, size
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[str, torch.Tensor | None, str]:
-        path = self.paths[index]
-        try:
-            image = torch.from_numpy(read_image(path)).permute(2, 0, 1).float() / 255
-        except DistilladError as error:
-            return str(path), None, str(error)
-        return str(path), resize(image, [self.size, self.size], antialias=True), ""
-
-
-def _collate(items: list[tuple]) -> tuple:
-    paths, images, errors = zip(*items)
-    good = [image for image in images if image is not None]
-    return list(paths), torch.stack(good) if good else None, list(errors)
-
-
-def expand_inputs(inputs: list[str | Path]) -> list[Path]:
-    """Files as given, folders expanded to their image files (sorted); stray non-image files are ignored."""
-    paths = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            found = sorted(p for p in item.rglob("*") if p.is_file() and is_image_file(p))
-            if not found:
-                msg = f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {item}; pass a folder with images"
-                raise DistilladError(msg)
-            paths.extend(found)
-        elif item.is_file():
-            paths.append(item)
-        else:
-            msg = f"input {item} does not exist; pass image files or folders to --input"
-            raise DistilladError(msg)
-    return paths
-
-
-def component_grid(image_rgb: np.ndarray, fused: np.ndarray, components: dict[str, np.ndarray],
-                   map_range: tuple[float, float], tile: int = 192) -> np.ndarray:
-    """A BGR grid: the fused overlay, then every component map on one shared colour scale (paper Fig. 8).
-
-    Rows are the branches (one row per name prefix, e.g. ``ngm`` and ``aim``), columns the stages; the
-    first column holds the image and the fused-map overlay.
-    """
-    image = cv2.resize(image_rgb, (tile, tile))
-    fused_tile = overlay(image, cv2.resize(fused, (tile, tile)), map_range)
-    top = max(float(m.max()) for m in components.values()) or 1.0
-    rows: dict[str, list[np.ndarray]] = {}
-    for name, component in components.items():
-        scaled = np.clip(cv2.resize(component, (tile, tile)) / top, 0, 1)
-        picture = cv2.applyColorMap((scaled * 255).astype(np.uint8), cv2.COLORMAP_JET)
-        cv2.putText(picture, name, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1)
-        rows.setdefault(name.split("_")[0], []).append(picture)
-    first_column = [cv2.cvtColor(image, cv2.COLOR_RGB2BGR), fused_tile]
-    lines = [np.hstack([first_column[i % 2], *tiles]) for i, tiles in enumerate(rows.values())]
-    width = max(line.shape[1] for line in lines)
-    return np.vstack([np.pad(line, ((0, 0), (0, width - line.shape[1]), (0, 0))) for line in lines])
-
-
-@torch.no_grad()
-def predict(run_dir: Path, inputs: list[str | Path], out_dir: Path, batch_size: int = 16,
-            num_workers: int = 0, component_maps: bool = False) -> list[dict]:
-    """Score images with a trained run; writes predictions.csv and one heatmap overlay per image.
+def predict(run_dir: Path, inputs: list[str | Path], out_dir: Path, batch_size: int = 16, num_workers: int = 0,
+            component_maps: bool = False, heatmaps: bool = True, threads: int | None = None) -> PredictionSummary:
+    """Score images with a trained run's PyTorch model; see :func:`distillad.inference.predict_images`.
 
     With ``component_maps`` and a model that provides them (DMDD: the 4 NGM and 4 AIM maps), also
-    writes ``OUT/components/<image>.png`` grids showing which branch and stage fired.
+    writes ``OUT/components/<image>.png`` grids showing which branch and stage fired. ``threads`` sets
+    ``torch.set_num_threads``.
     """
+    if threads:
+        torch.set_num_threads(threads)
     model, config = load_model(run_dir)
-    out_dir = Path(out_dir)
-    heatmap_dir = out_dir / "heatmaps"
-    heatmap_dir.mkdir(parents=True, exist_ok=True)
-    breakdown = component_maps and hasattr(model.model, "forward_with_components")
-    if component_maps and not breakdown:
+    if component_maps and not hasattr(model.model, "forward_with_components"):
         msg = f"model '{config.model}' has no component maps; drop --component-maps (DMDD provides them)"
         raise DistilladError(msg)
-    if breakdown:
-        (out_dir / "components").mkdir(exist_ok=True)
-    loader = DataLoader(_PathDataset(expand_inputs(inputs), config.image_size), batch_size=batch_size,
-                        num_workers=num_workers, collate_fn=_collate)
-    rows, used = [], set()
-    for paths, images, errors in tqdm(loader, desc="predicting", unit="batch"):
-        output, components = None, None
-        if images is not None:
-            output, components = model.model.forward_with_components(images) if breakdown else (model.model(images), None)
-        good_index = 0
-        for path, error in zip(paths, errors):
-            if error:
-                rows.append({"path": path, "score": "", "is_anomalous": "", "error": error})
-                continue
-            score = float(output.pred_score[good_index])
-            anomaly_map = output.anomaly_map[good_index, 0].numpy()
-            image = read_image(path)
-            name = _unique_name(path, used)
-            cv2.imwrite(str(heatmap_dir / f"{name}.png"), overlay(image, anomaly_map, tuple(config.map_range)))
-            if components is not None:
-                maps = {key: value[good_index, 0].numpy() for key, value in components.items()}
-                grid = component_grid(image, anomaly_map, maps, tuple(config.map_range))
-                cv2.imwrite(str(out_dir / "components" / f"{name}.png"), grid)
-            good_index += 1
-            rows.append({"path": path, "score": f"{score:.6f}", "is_anomalous": int(score >= config.threshold),
-                         "error": ""})
-    with (out_dir / "predictions.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["path", "score", "is_anomalous", "error"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return rows
+
+    @torch.no_grad()
+    def score_batch(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray] | None]:
+        output, components = model.model.forward_with_components(images) if component_maps else (model.model(images), None)
+        parts = {key: value.numpy() for key, value in components.items()} if components else None
+        return output.anomaly_map.numpy(), output.pred_score.numpy(), parts
+
+    return predict_images(Scorer(score_batch, config.image_size, config.threshold, tuple(config.map_range),
+                                 score_normalizer(config.threshold, config.score_floor)),
+                          inputs, out_dir, batch_size, num_workers, heatmaps, component_maps)

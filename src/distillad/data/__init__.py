@@ -2,11 +2,26 @@
 
 Build a sample table with :func:`mvtec_samples` or :func:`folder_samples` and serve it with
 :class:`DistilladDataModule`, or use the :class:`MVTecLayout` / :class:`FolderLayout` shortcuts.
+
+The readers (:mod:`distillad.data.io`) are imported eagerly; the sample tables and datamodules, which
+import anomalib, on first access, so that inference on exported models (:mod:`distillad.inference`)
+reads images without importing anomalib or Lightning.
 """
 
-from distillad.data.datamodule import DistilladDataModule, FolderLayout, MVTecLayout, SampleTableDataset
+import importlib
+
 from distillad.data.io import IMAGE_EXTENSIONS, is_image_file, read_image, read_mask
-from distillad.data.samples import SAMPLE_COLUMNS, folder_samples, list_images, mvtec_samples
+
+_LAZY = {
+    "DistilladDataModule": "distillad.data.datamodule",
+    "FolderLayout": "distillad.data.datamodule",
+    "MVTecLayout": "distillad.data.datamodule",
+    "SampleTableDataset": "distillad.data.datamodule",
+    "SAMPLE_COLUMNS": "distillad.data.samples",
+    "folder_samples": "distillad.data.samples",
+    "list_images": "distillad.data.samples",
+    "mvtec_samples": "distillad.data.samples",
+}
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -22,3 +37,10 @@ __all__ = [
     "read_image",
     "read_mask",
 ]
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    msg = f"module 'distillad.data' has no attribute '{name}'"
+    raise AttributeError(msg)
