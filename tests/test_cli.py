@@ -130,6 +130,12 @@ def test_resume_continues_from_the_last_checkpoint(weld_run: Path, shared_data: 
     checkpoint = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert checkpoint["epoch"] == 1
     assert json.loads((out / "config.json").read_text())["epochs"] == 2
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["seconds_per_epoch"] == pytest.approx(metrics["train_seconds"])  # one epoch trained here
+
+    # Resuming a finished run trains nothing: the timing of the epochs that were trained is kept.
+    assert run([*args, "--resume"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["train_seconds"] == metrics["train_seconds"]
 
 
 @pytest.mark.slow

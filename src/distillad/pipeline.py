@@ -34,7 +34,7 @@ import numpy as np
 import timm
 import torch
 from lightning.pytorch import Trainer, seed_everything
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 from torchvision.transforms.v2.functional import resize
@@ -235,12 +235,30 @@ def write_heatmaps(predictions: Predictions, out_dir: Path, map_range: tuple[flo
         cv2.imwrite(str(out_dir / f"{unique_name(path, used)}.png"), overlay(image, anomaly_map[0].numpy(), map_range))
 
 
-def _trainer(config: RunConfig, run_dir: Path, model: torch.nn.Module) -> Trainer:
+class EpochClock(Callback):
+    """Wall time and number of the epochs trained in this process, so a resumed run times only its own epochs."""
+
+    def __init__(self) -> None:
+        self.first_epoch: int | None = None
+        self.started = 0.0
+
+    def on_train_start(self, trainer: Trainer, pl_module: torch.nn.Module) -> None:
+        del pl_module
+        self.first_epoch, self.started = trainer.current_epoch, time.perf_counter()
+
+    def measured(self, trainer: Trainer) -> tuple[float, int]:
+        """Seconds and epochs since training started here (0 epochs when the checkpoint was already complete)."""
+        if self.first_epoch is None:
+            return 0.0, 0
+        return time.perf_counter() - self.started, trainer.current_epoch - self.first_epoch
+
+
+def _trainer(config: RunConfig, run_dir: Path, model: torch.nn.Module, clock: EpochClock) -> Trainer:
     # save_last with save_top_k=0 never writes last.ckpt in Lightning 2.6: keep the single newest instead.
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", save_top_k=1,
                                  enable_version_counter=False)
     arguments = {**model.trainer_arguments, "max_epochs": config.epochs, "default_root_dir": run_dir,
-                 "callbacks": [checkpoint], "logger": CSVLogger(run_dir, name="logs"), "limit_val_batches": 0,
+                 "callbacks": [checkpoint, clock], "logger": CSVLogger(run_dir, name="logs"), "limit_val_batches": 0,
                  "deterministic": "warn", "enable_model_summary": False}
     return Trainer(**arguments)
 
@@ -259,10 +277,10 @@ def fit(config: RunConfig, run_dir: Path, resume: bool = False, train_limit: int
     model = build_model(config)
     config.save(run_dir)
     last = run_dir / "checkpoints" / "last.ckpt"
-    trainer = _trainer(config, run_dir, model)
-    started = time.perf_counter()
+    clock = EpochClock()
+    trainer = _trainer(config, run_dir, model, clock)
     trainer.fit(model, datamodule=datamodule, ckpt_path=last if resume and last.is_file() else None)
-    train_seconds = time.perf_counter() - started
+    train_seconds, epochs_trained = clock.measured(trainer)
     trainer.save_checkpoint(run_dir / "model.ckpt")
     model.eval()
     has_val = getattr(datamodule, "val_data", None) is not None and len(datamodule.val_data) > 0
@@ -272,8 +290,9 @@ def fit(config: RunConfig, run_dir: Path, resume: bool = False, train_limit: int
     config.threshold_source = "held-out normal images" if has_val else "training images (no held-out split)"
     config.save(run_dir)
     metrics = test(run_dir, model=model, config=config, datamodule=datamodule, heatmaps=heatmaps)
-    metrics["train_seconds"] = train_seconds
-    metrics["seconds_per_epoch"] = train_seconds / max(trainer.current_epoch, 1)
+    if epochs_trained:  # else keep what an earlier, interrupted process measured (in metrics.json, if any)
+        metrics["train_seconds"] = train_seconds
+        metrics["seconds_per_epoch"] = train_seconds / epochs_trained
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
