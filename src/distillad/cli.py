@@ -133,8 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Writes OUT/FORMAT/ for each --format: the model file and metadata.json "
                                              "(the run's threshold and normalisation, input/output names, versions and "
                                              "the measured parity). Fails if the exported model differs from PyTorch "
-                                             "by more than 1e-4 on real images. Run it with 'distillad predict "
-                                             "--exported OUT/FORMAT' or distillad.runtime.load_exported.")
+                                             "by more than 1e-4 (of the output's scale when it exceeds 1) on real "
+                                             "images. Run it with 'distillad predict --exported OUT/FORMAT' or "
+                                             "distillad.runtime.load_exported.")
     export.add_argument("--run", type=Path, required=True, help="run directory written by 'distillad fit'")
     export.add_argument("--format", dest="formats", nargs="+", required=True, choices=sorted(EXPORT_FORMATS),
                         help="one or more formats; several share one trace")

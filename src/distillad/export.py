@@ -14,9 +14,15 @@ or distillad's classes; TorchScript is no option, see below). All formats come f
 
 Parity: after writing a format, the file is loaded into its runtime and run on real images (up to
 :data:`PARITY_IMAGES` of the run's test images, or the images given), as one batch and as a batch of
-one; the largest absolute difference to PyTorch of the anomaly maps and of the scores must be at most
-:data:`TOLERANCE`, otherwise :class:`~distillad.errors.DistilladError` is raised and the folder's
-``metadata.json`` is removed. Both differences are recorded in ``metadata.json``.
+one; the largest absolute difference to PyTorch of the anomaly maps and of the scores, each divided by
+its output's scale ``max(1, max |PyTorch output|)``, must be at most :data:`TOLERANCE`, otherwise
+:class:`~distillad.errors.DistilladError` is raised and the folder's ``metadata.json`` is removed. For
+outputs within [-1, 1] (rd, dmdd, aand) this is an absolute 1e-4. The scale matters for DSKD, whose
+maps are z-scores (divided by the normal-image standard deviation, Eq. 8), which magnifies float32
+rounding: a DSKD trained for 2 epochs on mtd at 256 px differed by 1.2e-4 in absolute terms on maps
+reaching 7.6, i.e. 1.6e-5 of the scale (even its ``torch.export`` program, run by torch itself, differs from
+eager PyTorch by 7.7e-5). The absolute and scaled differences are both recorded in
+``metadata.json``.
 
 Why not anomalib's ``ExportMixin`` (``to_torch``/``to_onnx``/``to_openvino``; tried on anomalib 2.7,
 torch 2.14 with all four models):
@@ -155,8 +161,11 @@ def _parity(folder: Path, images: torch.Tensor, reference: tuple[np.ndarray, np.
     single_maps, single_scores = exported(images[:1].numpy())
     map_difference = max(abs(maps - reference_maps).max(), abs(single_maps - reference_maps[:1]).max())
     score_difference = max(abs(scores - reference_scores).max(), abs(single_scores - reference_scores[:1]).max())
+    map_scale, score_scale = max(1.0, float(abs(reference_maps).max())), max(1.0, float(abs(reference_scores).max()))
     return {"images": len(images), "batch_sizes": [len(images), 1], "tolerance": TOLERANCE,
-            "max_abs_anomaly_map": float(map_difference), "max_abs_pred_score": float(score_difference)}
+            "max_abs_anomaly_map": float(map_difference), "max_abs_pred_score": float(score_difference),
+            "anomaly_map_scale": map_scale, "pred_score_scale": score_scale,
+            "max_scaled_difference": float(max(map_difference / map_scale, score_difference / score_scale))}
 
 
 def export_model(model: nn.Module, image_size: int, out_dirs: dict[str, Path], images: torch.Tensor,
@@ -203,10 +212,10 @@ def export_model(model: nn.Module, image_size: int, out_dirs: dict[str, Path], i
             files[fmt] = path
             _write_metadata(folder, fmt, image_size, metadata, parity=None)
             parity = _parity(folder, images, reference, threads)
-            worst = max(parity["max_abs_anomaly_map"], parity["max_abs_pred_score"])
+            worst = parity["max_scaled_difference"]
             if not worst <= TOLERANCE:
                 (folder / METADATA_FILE).unlink()
-                msg = (f"{fmt} export in {folder} differs from PyTorch by {worst:.2e} (> {TOLERANCE:g}) on "
+                msg = (f"{fmt} export in {folder} differs from PyTorch by {worst:.2e} of the output scale (> {TOLERANCE:g}) on "
                        f"{len(images)} images, so its {METADATA_FILE} was removed; use another format and report "
                        f"this with the model ({metadata.get('model')}) and package versions")
                 raise DistilladError(msg)
