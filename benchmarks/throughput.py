@@ -21,11 +21,11 @@ import os
 import platform
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from distillad.benchmark import time_calls
 from distillad.export import export_model
 from distillad.pipeline import RunConfig, build_model, versions
 from distillad.runtime import load_exported
@@ -48,16 +48,6 @@ def _cpu_name() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or "unknown"
-
-
-def time_calls(predict: Callable[[], object], repeats: int, min_seconds: float) -> tuple[int, float]:
-    """One warm-up call, then calls until ``min_seconds`` have passed and ``repeats`` were made: (calls, seconds)."""
-    predict()
-    calls, started = 0, time.perf_counter()
-    while calls < repeats or time.perf_counter() - started < min_seconds:
-        predict()
-        calls += 1
-    return calls, time.perf_counter() - started
 
 
 def benchmark_model(model_name: str, encoder: str, args: argparse.Namespace) -> list[dict]:

@@ -74,15 +74,22 @@ def cell_dir(out: Path, category: str, model: str) -> Path:
     return out / "cells" / category / model
 
 
+def time_calls(call: Callable[[], object], repeats: int, min_seconds: float = 0.0) -> tuple[int, float]:
+    """One warm-up call, then calls until ``min_seconds`` have passed and ``repeats`` were made: (calls, seconds)."""
+    call()
+    calls, started = 0, time.perf_counter()
+    while calls < repeats or time.perf_counter() - started < min_seconds:
+        call()
+        calls += 1
+    return calls, time.perf_counter() - started
+
+
 def latency_ms(model: torch.nn.Module, image_size: int, batch_size: int, repeats: int) -> float:
     """Mean milliseconds per image of the torch model on random input, after one warm-up pass."""
     images = torch.rand(batch_size, 3, image_size, image_size)
     with torch.no_grad():
-        model(images)
-        started = time.perf_counter()
-        for _ in range(repeats):
-            model(images)
-    return 1000 * (time.perf_counter() - started) / (repeats * batch_size)
+        calls, seconds = time_calls(lambda: model(images), repeats)
+    return 1000 * seconds / (calls * batch_size)
 
 
 def _example_images(run_dir: Path, count: int) -> list[tuple[str, str]]:
@@ -105,15 +112,13 @@ def _example_images(run_dir: Path, count: int) -> list[tuple[str, str]]:
 
 @torch.no_grad()
 def _save_examples(model: torch.nn.Module, run_dir: Path, image_size: int) -> None:
-    from torchvision.transforms.v2.functional import resize
-
-    from distillad.data import read_image
+    from distillad.inference import ImageFiles, collate
 
     picked = _example_images(run_dir, EXAMPLES_PER_CATEGORY)
     if not picked:
         return
-    images = torch.stack([resize(torch.from_numpy(read_image(path)).permute(2, 0, 1).float() / 255,
-                                 [image_size, image_size], antialias=True) for path, _ in picked])
+    dataset = ImageFiles([Path(path) for path, _ in picked], image_size)
+    _, images, _ = collate([dataset[index] for index in range(len(dataset))])  # test images: all were readable
     maps = model(images).anomaly_map[:, 0].numpy().astype(np.float32)
     np.savez_compressed(run_dir / "examples.npz", maps=maps, images=np.array([p for p, _ in picked]),
                         masks=np.array([m for _, m in picked]))
@@ -223,7 +228,8 @@ def _percent_triplet(row: dict) -> str:
 
 
 def _mean(rows: list[dict], key: str) -> float | None:
-    values = [row[key] for row in rows if key in row and "error" not in row]
+    """Mean of ``key`` over the finished ``rows`` that have it."""
+    values = [row[key] for row in rows if key in row]
     return sum(values) / len(values) if values else None
 
 
@@ -273,8 +279,8 @@ def markdown(rows: list[dict], settings: BenchmarkSettings, models: list[str], c
         "| category | " + " | ".join(models) + " |", "|" + "---|" * (len(models) + 1),
     ]
     for category in categories:
-        lines.append(f"| {category} | " + " | ".join(_percent_triplet(by_cell.get((category, m), {"error": ""}))
-                                                      if (category, m) in by_cell else "pending" for m in models) + " |")
+        lines.append(f"| {category} | " + " | ".join(_percent_triplet(by_cell[(category, m)]) if (category, m) in by_cell
+                                                      else "pending" for m in models) + " |")
     means = []
     for model_name in models:
         done = [by_cell[(c, model_name)] for c in categories if "error" not in by_cell.get((c, model_name), {"error": ""})]

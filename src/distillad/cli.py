@@ -16,6 +16,10 @@ from distillad.errors import DistilladError
 from distillad.runtime import MODEL_FILES as EXPORT_FORMATS
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
+DEFAULT_IMAGE_SIZE = 256
+DEFAULT_BATCH_SIZE = 16
+DEFAULT_FIT_EPOCHS = 10
+DEFAULT_BENCHMARK_EPOCHS = 1
 
 
 def _positive_int(text: str) -> int:
@@ -69,6 +73,23 @@ class _OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
+def _add_training_options(parser: argparse.ArgumentParser, default_epochs: int) -> None:
+    """Encoder, input size, schedule and subset options that ``fit`` and ``benchmark`` share.
+
+    Unset values stay ``None`` so that ``fit --preset`` can fill them; the defaults in the help are applied
+    after parsing.
+    """
+    parser.add_argument("--backbone", help=f"timm encoder name (default: {DEFAULT_BACKBONE}, works offline)")
+    parser.add_argument("--no-pretrained", action="store_true", help="random encoder weights (for comparisons only)")
+    parser.add_argument("--image-size", type=_image_size, help=f"square input size in pixels (default: {DEFAULT_IMAGE_SIZE})")
+    parser.add_argument("--epochs", type=_positive_int, help=f"training epochs (default: {default_epochs})")
+    parser.add_argument("--batch-size", type=_positive_int,
+                        help=f"training and evaluation batch size (default: {DEFAULT_BATCH_SIZE})")
+    parser.add_argument("--seed", type=int, default=0, help="random seed; runs are deterministic on CPU (default: 0)")
+    parser.add_argument("--train-limit", type=_positive_int, help="use only this many training images (quick runs)")
+    parser.add_argument("--test-limit", type=_positive_int, help="use only this many test images (quick runs)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
     from distillad.models.registry import MODELS
@@ -88,18 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--mask-dir", type=Path, help="masks for --abnormal-dir, paired by stem (<stem>_mask.png)")
     source.add_argument("--normal-test-dir", type=Path, help="folder of normal test images (with --normal-dir)")
     fit.add_argument("--preset", choices=["paper"], help="'paper': the paper's backbone, image size and epochs")
-    fit.add_argument("--backbone", help=f"timm encoder name (default: {DEFAULT_BACKBONE}, works offline)")
+    _add_training_options(fit, DEFAULT_FIT_EPOCHS)
     fit.add_argument("--weights", type=Path, help="explicit encoder weights file (state_dict)")
-    fit.add_argument("--no-pretrained", action="store_true", help="random encoder weights (for comparisons only)")
-    fit.add_argument("--image-size", type=_image_size, help="square input size in pixels (default: 256)")
-    fit.add_argument("--epochs", type=_positive_int, help="training epochs (default: 10)")
-    fit.add_argument("--batch-size", type=_positive_int, help="training and evaluation batch size (default: 16)")
-    fit.add_argument("--seed", type=int, default=0, help="random seed; runs are deterministic on CPU (default: 0)")
     fit.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes (default: 0)")
     fit.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                      help="model option, repeatable (e.g. --option lr=0.001); 'distillad models' lists them")
-    fit.add_argument("--train-limit", type=_positive_int, help="use only this many training images (quick runs)")
-    fit.add_argument("--test-limit", type=_positive_int, help="use only this many test images (quick runs)")
     fit.add_argument("--out", type=Path, default=Path("runs/latest"), help="run directory (default: runs/latest)")
     fit.add_argument("--resume", action="store_true", help="continue from RUN/checkpoints/last.ckpt if present")
     fit.add_argument("--no-heatmaps", action="store_true", help="do not write heatmap overlays of test images")
@@ -151,16 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--models", type=_name_list, default=["rd"], help="comma-separated models (default: rd)")
     bench.add_argument("--root", type=Path, required=True, help="dataset root in MVTec layout")
     bench.add_argument("--categories", type=_name_list, required=True, help="comma-separated category folders under --root")
-    bench.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"timm encoder name (default: {DEFAULT_BACKBONE})")
-    bench.add_argument("--no-pretrained", action="store_true", help="random encoder weights (for comparisons only)")
-    bench.add_argument("--image-size", type=_image_size, default=256, help="square input size in pixels (default: 256)")
-    bench.add_argument("--epochs", type=_positive_int, default=1, help="training epochs per cell (default: 1)")
-    bench.add_argument("--batch-size", type=_positive_int, default=16, help="batch size (default: 16)")
-    bench.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    _add_training_options(bench, DEFAULT_BENCHMARK_EPOCHS)
     bench.add_argument("--option", type=_model_option, action="append", default=[], metavar="MODEL:KEY=VALUE",
                        help="option for one model, repeatable (e.g. dmdd:msn=False)")
-    bench.add_argument("--train-limit", type=_positive_int, help="train on this many images per category (quick runs)")
-    bench.add_argument("--test-limit", type=_positive_int, help="test on this many images per category (quick runs)")
     bench.add_argument("--out", type=Path, default=Path("runs/benchmark"), help="output folder (default: runs/benchmark)")
     bench.add_argument("--no-plots", action="store_true", help="skip the ROC/PRO/example figures")
 
@@ -190,9 +197,9 @@ def _fit_config(args: argparse.Namespace):
         backbone=args.backbone or preset.get("backbone", DEFAULT_BACKBONE),
         pretrained=not args.no_pretrained,
         weights=str(args.weights) if args.weights else None,
-        image_size=args.image_size or preset.get("image_size", 256),
-        epochs=args.epochs or preset.get("epochs", 10),
-        batch_size=args.batch_size or preset.get("batch_size", 16),
+        image_size=args.image_size or preset.get("image_size", DEFAULT_IMAGE_SIZE),
+        epochs=args.epochs or preset.get("epochs", DEFAULT_FIT_EPOCHS),
+        batch_size=args.batch_size or preset.get("batch_size", DEFAULT_BATCH_SIZE),
         seed=args.seed,
         num_workers=args.num_workers,
     )
@@ -206,10 +213,11 @@ def _benchmark(args: argparse.Namespace) -> None:
         if model not in args.models:
             raise DistilladError(f"--option {model}:{key}=... names a model not in --models ({','.join(args.models)})")
         options.setdefault(model, {})[key] = value
-    settings = BenchmarkSettings(root=str(args.root), backbone=args.backbone, pretrained=not args.no_pretrained,
-                                 image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size,
-                                 seed=args.seed, train_limit=args.train_limit, test_limit=args.test_limit,
-                                 options=options)
+    settings = BenchmarkSettings(root=str(args.root), backbone=args.backbone or DEFAULT_BACKBONE,
+                                 pretrained=not args.no_pretrained, image_size=args.image_size or DEFAULT_IMAGE_SIZE,
+                                 epochs=args.epochs or DEFAULT_BENCHMARK_EPOCHS,
+                                 batch_size=args.batch_size or DEFAULT_BATCH_SIZE, seed=args.seed,
+                                 train_limit=args.train_limit, test_limit=args.test_limit, options=options)
     rows = run_benchmark(settings, args.models, args.categories, args.out, plots=not args.no_plots)
     print((args.out / "results.md").read_text())
     failed = [f"{row['category']}/{row['model']}" for row in rows if "error" in row]

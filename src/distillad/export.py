@@ -73,7 +73,7 @@ from distillad.pipeline import RunConfig, load_model, versions
 from distillad.runtime import INPUT_NAME, METADATA_FILE, MODEL_FILES, OUTPUT_NAMES, load_exported, require
 
 FORMATS = tuple(MODEL_FILES)
-#: Largest absolute difference to PyTorch allowed for the anomaly maps and for the scores.
+#: Largest difference to PyTorch allowed for the anomaly maps and the scores, as a share of max(1, max |output|).
 TOLERANCE = 1e-4
 #: Real images the parity check runs on.
 PARITY_IMAGES = 8

@@ -7,7 +7,7 @@ A run directory holds everything a trained model needs::
     RUN/checkpoints/last.ckpt written every epoch; ``fit --resume`` continues from it
     RUN/metrics.json          test metrics (image/pixel AUROC, AUPRO, F1-max, timings)
     RUN/test_scores.csv       per test image: path, label, score, normalised score, decision
-RUN/curves.json           image ROC, pixel ROC and PRO curves of the test split
+    RUN/curves.json           image ROC, pixel ROC and PRO curves of the test split
     RUN/heatmaps/*.png        anomaly-map overlays of the test images
 
 Calibration (rule in :mod:`distillad.inference`): at the end of ``fit`` the decision threshold and the
@@ -46,7 +46,6 @@ from distillad.inference import (
     PredictionSummary,
     Scorer,
     decision_threshold,
-    normalize_scores,
     overlay,
     predict_images,
     score_normalizer,
@@ -320,11 +319,12 @@ def test(run_dir: Path, model: torch.nn.Module | None = None, config: RunConfig 
     with (run_dir / "test_scores.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "label", "score", "normalized_score", "is_anomalous"])
-        floor = config.score_floor if config.score_floor is not None else float(predictions.scores.min())
-        normalized = normalize_scores(predictions.scores, config.threshold, floor).tolist()
+        normalize = score_normalizer(config.threshold, config.score_floor)
+        normalized = [""] * len(predictions.paths) if normalize is None else [
+            f"{unit:.6f}" for unit in normalize(predictions.scores).tolist()]
         for path, label, score, unit in zip(predictions.paths, predictions.labels.long().tolist(),
                                             predictions.scores.tolist(), normalized):
-            writer.writerow([path, label, f"{score:.6f}", f"{unit:.6f}", int(score >= config.threshold)])
+            writer.writerow([path, label, f"{score:.6f}", unit, int(score >= config.threshold)])
     if heatmaps:
         write_heatmaps(predictions, run_dir / "heatmaps", tuple(config.map_range))
     previous = run_dir / "metrics.json"
