@@ -108,6 +108,17 @@ def keep_frozen_in_eval(model: nn.Module, mode: bool, frozen_modules: list[nn.Mo
         module.eval()
 
 
+def channels_last(model: nn.Module) -> nn.Module:
+    """Store ``model``'s convolution weights channels-last (NHWC), the layout oneDNN and cuDNN convolve fastest.
+
+    With the encoder's inputs also channels-last (:meth:`~distillad.backbones.StagedEncoder.normalize`), every
+    convolution downstream stays in that layout. Measured on 2 CPU cores (Lite0, 256 px): frozen encoder
+    forward 22 -> 30 images/s, DMDD student forward + backward 5.5 -> 10.9 images/s, an RD step 1.3x faster.
+    Outputs are equal to float rounding (same arithmetic, another summation order).
+    """
+    return model.to(memory_format=torch.channels_last)
+
+
 def image_score(anomaly_map: torch.Tensor) -> torch.Tensor:
     """Image-level score = the anomaly map's maximum (RD Sec. 3.4, DSKD Eq. 8, AAND Eq. 14)."""
     return anomaly_map.flatten(1).amax(dim=1)

@@ -40,7 +40,7 @@ from torch import nn
 
 from distillad.backbones import create_encoder
 from distillad.components import MirrorDecoder, MultiScaleAnomalyMap, OneClassBottleneck, block_family, upsampled_sum
-from distillad.models.base import frozen, image_score, keep_frozen_in_eval
+from distillad.models.base import channels_last, frozen, image_score, keep_frozen_in_eval
 
 #: A level patch is anomalous when more than this fraction of its pixels lies in the pseudo-anomaly mask.
 MASK_THRESHOLD = 0.3
@@ -224,6 +224,7 @@ class AANDModel(nn.Module):
         self.decoder = MirrorDecoder(channels[3], channels[:3], family)
         self.anomaly_map = MultiScaleAnomalyMap(sigma)
         self.score = score
+        channels_last(self)
 
     def train(self, mode: bool = True) -> AANDModel:
         keep_frozen_in_eval(self, mode, [self.encoder])

@@ -12,7 +12,7 @@ from torch import nn
 
 from distillad.backbones import create_encoder
 from distillad.components import MirrorDecoder, OneClassBottleneck, block_family, gaussian_smoothing, upsampled_sum
-from distillad.models.base import frozen, image_score, keep_frozen_in_eval
+from distillad.models.base import channels_last, frozen, image_score, keep_frozen_in_eval
 from distillad.models.dskd.loss import discrepancy_maps
 
 
@@ -130,6 +130,7 @@ class DSKDModel(nn.Module):
         self.temperature = temperature
         self.chunk_rows = chunk_rows
         self.blur = gaussian_smoothing(sigma)
+        channels_last(self)
 
     def train(self, mode: bool = True) -> DSKDModel:
         keep_frozen_in_eval(self, mode, [self.encoder])

@@ -10,7 +10,7 @@ from torch import nn
 
 from distillad.backbones import create_encoder
 from distillad.components import MirrorDecoder, MultiScaleAnomalyMap, OneClassBottleneck, block_family
-from distillad.models.base import frozen, image_score, keep_frozen_in_eval
+from distillad.models.base import channels_last, frozen, image_score, keep_frozen_in_eval
 
 
 class ReverseDistillationModel(nn.Module):
@@ -36,6 +36,7 @@ class ReverseDistillationModel(nn.Module):
         self.bottleneck = OneClassBottleneck(channels[:3], channels[3], family)
         self.decoder = MirrorDecoder(channels[3], channels[:3], family)
         self.anomaly_map = MultiScaleAnomalyMap(sigma)
+        channels_last(self)
 
     def train(self, mode: bool = True) -> ReverseDistillationModel:
         keep_frozen_in_eval(self, mode, [self.encoder])
