@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.plugins.precision import Precision
 from torchvision.transforms.v2.functional import resize
 
 from distillad.data import read_image
@@ -153,7 +154,7 @@ def test_msn_epoch_trains_only_the_segmentation_network() -> None:
     images = real_images(4)
 
     batch = SimpleNamespace(image=images, image_path=[f"image_{i}" for i in range(4)])
-    module._trainer = SimpleNamespace(train_dataloader=[batch])
+    module._trainer = SimpleNamespace(train_dataloader=[batch], precision_plugin=Precision())
     module.optimizers = lambda: module.configure_optimizers()
     module.log = lambda *args, **kwargs: None
     before = {name: p.detach().clone() for name, p in module.model.named_parameters()}

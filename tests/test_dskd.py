@@ -16,7 +16,12 @@ from distillad.components import cosine_distance_map
 from distillad.data import FolderLayout
 from distillad.models.dskd import DSKD, GlobalContextCondensingBlock
 from distillad.models.dskd.lightning_model import standardization_loaders
-from distillad.models.dskd.loss import DualStudentLoss, contextual_affinity_map
+from distillad.models.dskd.loss import (
+    DualStudentLoss,
+    _affinity_divergence,
+    _ContextualAffinityKL,
+    contextual_affinity_map,
+)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 WELD_GOOD = SHARED_DATA / "weld" / "train" / "good"
@@ -98,6 +103,135 @@ def test_chunked_affinity_and_gradients_equal_direct(chunk_rows: int) -> None:
     (chunked_grad,) = torch.autograd.grad(chunked.square().sum(), student)
     torch.testing.assert_close(chunked, direct)
     torch.testing.assert_close(chunked_grad, direct_grad)
+
+
+def unit_vectors(features: torch.Tensor) -> torch.Tensor:
+    """A (B, C, H, W) map as L2-normalised (B, N, C) vectors, as the contextual affinity sees it."""
+    return torch.nn.functional.normalize(features.flatten(2).transpose(1, 2), dim=-1)
+
+
+def direct_affinity_map(teacher: torch.Tensor, student: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The reference definition on the whole N x N matrix at once, under plain autograd: (B, 1, H, W)."""
+    teacher_vectors = unit_vectors(teacher)
+    kl = _affinity_divergence(unit_vectors(student), teacher_vectors, teacher_vectors, temperature)
+    return kl.view(teacher.shape[0], 1, *teacher.shape[2:])
+
+
+def features_pair(dtype: torch.dtype = torch.float32, noise: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher and a student ``noise`` away (B=2, C=24, 9 x 11: N = 99, which 16-row chunks do not divide)."""
+    generator = torch.Generator().manual_seed(0)
+    teacher = torch.randn(2, 24, 9, 11, generator=generator, dtype=dtype)
+    return teacher, teacher + noise * torch.randn(teacher.shape, generator=generator, dtype=dtype)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_fused_affinity_equals_direct_reference(temperature: float) -> None:
+    teacher, student = features_pair(torch.float64)
+    expected = direct_affinity_map(teacher, student, temperature)
+    for grad_enabled in (False, True):  # inference and the autograd.Function
+        with torch.set_grad_enabled(grad_enabled):
+            fused = contextual_affinity_map(teacher, student.requires_grad_(grad_enabled), temperature, chunk_rows=16)
+        torch.testing.assert_close(fused, expected, rtol=0, atol=1e-12)
+    # float32 stays as close to the float64 reference as the float32 reference does (KL values ~0.03)
+    fused32 = contextual_affinity_map(teacher.float(), student.detach().float(), temperature, chunk_rows=16)
+    assert fused32.dtype == torch.float32
+    torch.testing.assert_close(fused32.double(), expected, rtol=0, atol=1e-6 * max(temperature**2, 1))
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_fused_affinity_gradient_equals_autograd_through_reference(temperature: float) -> None:
+    # A student close to the teacher: p_S ~ p_T, so the gradient is a small difference of two means.
+    teacher, student = features_pair(noise=0.3)
+    weights = torch.rand(2, 1, 9, 11, generator=torch.Generator().manual_seed(1))  # a non-uniform upstream gradient
+    student.requires_grad_()
+    (fused_grad,) = torch.autograd.grad((weights * contextual_affinity_map(teacher, student, temperature, 16)).sum(),
+                                        student)
+    student64 = student.detach().double().requires_grad_()
+    reference = (weights.double() * direct_affinity_map(teacher.double(), student64, temperature)).sum()
+    (reference_grad,) = torch.autograd.grad(reference, student64)
+    assert float((fused_grad.double() - reference_grad).abs().max() / reference_grad.abs().max()) < 1e-5
+
+
+def test_fused_affinity_shifts_logits_beyond_the_float32_exp_range() -> None:
+    # T = 0.01: logits reach 1/T = 100 and exp overflows float32 past 88.7, unless each softmax is
+    # shifted by its row maximum. Clustered features keep the softmaxes from being one-hot, so the
+    # values and gradients still mean something in float32 (KL up to ~0.5 nats).
+    generator = torch.Generator().manual_seed(0)
+    teacher = torch.randn(1, 24, 1, 1, generator=generator) + 0.2 * torch.randn(2, 24, 9, 11, generator=generator)
+    student = (teacher + 0.2 * torch.randn(teacher.shape, generator=generator)).requires_grad_()
+    result = contextual_affinity_map(teacher, student, 0.01, chunk_rows=16)
+    (grad,) = torch.autograd.grad(result.sum(), student)
+    student64 = student.detach().double().requires_grad_()
+    expected = direct_affinity_map(teacher.double(), student64, 0.01)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), student64)
+    for value, reference in ((result, expected), (grad, expected_grad)):
+        assert float((value.double() - reference).abs().max() / reference.abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_fused_affinity_passes_gradcheck(temperature: float) -> None:
+    generator = torch.Generator().manual_seed(0)
+    teacher = torch.randn(2, 3, 1, 5, generator=generator, dtype=torch.float64)
+    student = torch.randn(2, 3, 1, 5, generator=generator, dtype=torch.float64, requires_grad=True)
+    teacher_vectors = unit_vectors(teacher)
+    student_vectors = unit_vectors(student).detach().requires_grad_()
+    assert torch.autograd.gradcheck(lambda s: _ContextualAffinityKL.apply(s, teacher_vectors, temperature, 2),
+                                    (student_vectors,))
+    assert torch.autograd.gradcheck(lambda s: contextual_affinity_map(teacher, s, temperature, 2), (student,))
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_gradient_descent_on_the_student_reduces_the_affinity_loss_as_predicted(temperature: float) -> None:
+    # A first-order check on the scale and the sign of the analytic gradient (T^2 * KL has gradient
+    # T * sum_j (p_S - p_T) f_T): a small step -lr * g must lower the loss by lr * |g|^2.
+    teacher, student = features_pair(torch.float64)
+    student.requires_grad_()
+    losses = []
+    for _ in range(20):
+        loss = contextual_affinity_map(teacher, student, temperature, chunk_rows=16).sum()
+        (grad,) = torch.autograd.grad(loss, student)
+        lr = 1e-3 / float(grad.norm())
+        with torch.no_grad():
+            decrease = loss - contextual_affinity_map(teacher, student - lr * grad, temperature, chunk_rows=16).sum()
+            assert float(decrease) == pytest.approx(lr * float(grad.square().sum()), rel=0.02)
+            student -= 50.0 * grad  # then a real descent step
+        losses.append(loss.item())
+    assert losses == sorted(losses, reverse=True) and losses[-1] < 0.5 * losses[0], losses
+
+
+def test_affinity_under_bf16_autocast_is_float32() -> None:
+    teacher, student = features_pair()
+    student.requires_grad_()
+    expected = contextual_affinity_map(teacher, student, chunk_rows=16)
+    (expected_grad,) = torch.autograd.grad(expected.mean(), student)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result = contextual_affinity_map(teacher, student, chunk_rows=16)
+        (grad,) = torch.autograd.grad(result.mean(), student)  # backward inside autocast too
+        assert result.dtype == grad.dtype == torch.float32
+        torch.testing.assert_close(result, expected, rtol=0, atol=1e-4)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-7)
+        bf16_student = torch.nn.Conv2d(24, 24, 1)(student)  # features computed under autocast are bf16
+        assert bf16_student.dtype == torch.bfloat16
+        assert contextual_affinity_map(teacher, bf16_student, chunk_rows=16).dtype == torch.float32
+
+
+def test_affinity_saves_nothing_n_wide_for_backward() -> None:
+    # N = 99 positions, C = 24, all in one chunk: a tensor of B * N * N = 19602 entries would be the
+    # affinity matrix; the (B, N, C + 1) teacher vectors with ones are the largest allowed.
+    teacher, student = features_pair()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        contextual_affinity_map(teacher, student.requires_grad_(), chunk_rows=99)
+    assert saved and max(saved) <= 2 * 99 * 25
+
+
+def test_teacher_requiring_gradient_uses_the_reference() -> None:
+    teacher, student = features_pair(torch.float64)
+    teacher.requires_grad_()
+    student.requires_grad_()
+    grads = torch.autograd.grad(contextual_affinity_map(teacher, student, 2.0, chunk_rows=16).sum(), (teacher, student))
+    expected = torch.autograd.grad(direct_affinity_map(teacher, student, 2.0).sum(), (teacher, student))
+    torch.testing.assert_close(grads, expected)
 
 
 # --- GCCB and the students ----------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import resource
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +53,11 @@ class BenchmarkSettings:
     train_limit: int | None = None
     test_limit: int | None = None
     options: dict[str, dict] = field(default_factory=dict)
+    max_steps: int | None = None
+    precision: str = "32"
+    accelerator: str = "auto"
+    devices: int = 1
+    strategy: str = "auto"
 
     def check_compatible(self, out: Path) -> None:
         """Refuse to mix cells trained with other settings into ``out``; record the settings otherwise."""
@@ -60,7 +65,8 @@ class BenchmarkSettings:
         current = json.loads(json.dumps(asdict(self)))
         if path.is_file():
             stored = json.loads(path.read_text())
-            changed = sorted(key for key in current if stored.get(key) != current[key])
+            defaults = {f.name: f.default for f in fields(self)}  # settings added later read as their default
+            changed = sorted(key for key in current if stored.get(key, defaults[key]) != current[key])
             if changed:
                 msg = (f"{out} holds a benchmark with other settings ({', '.join(changed)} differ); "
                        "pass another --out, or the same settings to resume it")
@@ -132,7 +138,9 @@ def run_cell(settings: BenchmarkSettings, category: str, model_name: str, run_di
     config = RunConfig(model=model_name, model_options=settings.options.get(model_name, {}),
                        data={"kind": "mvtec", "root": settings.root, "category": category},
                        backbone=settings.backbone, pretrained=settings.pretrained, image_size=settings.image_size,
-                       epochs=settings.epochs, batch_size=settings.batch_size, seed=settings.seed)
+                       epochs=settings.epochs, batch_size=settings.batch_size, seed=settings.seed,
+                       max_steps=settings.max_steps, precision=settings.precision, accelerator=settings.accelerator,
+                       devices=settings.devices, strategy=settings.strategy)
     metrics = fit(config, run_dir, resume=True, heatmaps=False, train_limit=settings.train_limit,
                   test_limit=settings.test_limit)
     module, config = load_model(run_dir)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from distillad.errors import DistilladError
 from distillad.runtime import MODEL_FILES as EXPORT_FORMATS
+from distillad.training import ACCELERATORS, PRECISIONS, STRATEGIES
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 DEFAULT_IMAGE_SIZE = 256
@@ -85,6 +86,16 @@ def _add_training_options(parser: argparse.ArgumentParser, default_epochs: int) 
     parser.add_argument("--epochs", type=_positive_int, help=f"training epochs (default: {default_epochs})")
     parser.add_argument("--batch-size", type=_positive_int,
                         help=f"training and evaluation batch size (default: {DEFAULT_BATCH_SIZE})")
+    parser.add_argument("--max-steps", type=_positive_int,
+                        help="train for this many optimiser steps instead of --epochs (the same amount of training "
+                             "on small and large datasets)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="32",
+                        help="training precision (default: 32; bf16-mixed / 16-mixed use autocast; inference stays 32)")
+    parser.add_argument("--accelerator", choices=ACCELERATORS, default="auto", help="training device kind (default: auto)")
+    parser.add_argument("--devices", type=_positive_int, default=1,
+                        help="devices (GPUs, or CPU processes) to train on; needs --strategy ddp above 1 (default: 1)")
+    parser.add_argument("--strategy", choices=STRATEGIES, default="auto",
+                        help="'ddp': distributed data parallel over --devices; --batch-size is the total (default: auto)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; runs are deterministic on CPU (default: 0)")
     parser.add_argument("--train-limit", type=_positive_int, help="use only this many training images (quick runs)")
     parser.add_argument("--test-limit", type=_positive_int, help="use only this many test images (quick runs)")
@@ -202,7 +213,14 @@ def _fit_config(args: argparse.Namespace):
         batch_size=args.batch_size or preset.get("batch_size", DEFAULT_BATCH_SIZE),
         seed=args.seed,
         num_workers=args.num_workers,
+        **_trainer_settings(args),
     )
+
+
+def _trainer_settings(args: argparse.Namespace) -> dict:
+    """How ``fit`` and ``benchmark`` train: schedule in steps, precision and devices."""
+    return {"max_steps": args.max_steps, "precision": args.precision, "accelerator": args.accelerator,
+            "devices": args.devices, "strategy": args.strategy}
 
 
 def _benchmark(args: argparse.Namespace) -> None:
@@ -217,7 +235,8 @@ def _benchmark(args: argparse.Namespace) -> None:
                                  pretrained=not args.no_pretrained, image_size=args.image_size or DEFAULT_IMAGE_SIZE,
                                  epochs=args.epochs or DEFAULT_BENCHMARK_EPOCHS,
                                  batch_size=args.batch_size or DEFAULT_BATCH_SIZE, seed=args.seed,
-                                 train_limit=args.train_limit, test_limit=args.test_limit, options=options)
+                                 train_limit=args.train_limit, test_limit=args.test_limit, options=options,
+                                 **_trainer_settings(args))
     rows = run_benchmark(settings, args.models, args.categories, args.out, plots=not args.no_plots)
     print((args.out / "results.md").read_text())
     failed = [f"{row['category']}/{row['model']}" for row in rows if "error" in row]

@@ -5,10 +5,16 @@ A run directory holds everything a trained model needs::
     RUN/config.json           model name and options, data spec, training settings, calibration, versions
     RUN/model.ckpt            the final Lightning checkpoint (teacher included, so no weights are needed offline)
     RUN/checkpoints/last.ckpt written every epoch; ``fit --resume`` continues from it
+    RUN/training.json         seconds, epochs and optimiser steps trained by the last ``fit``
     RUN/metrics.json          test metrics (image/pixel AUROC, AUPRO, F1-max, timings)
     RUN/test_scores.csv       per test image: path, label, score, normalised score, decision
     RUN/curves.json           image ROC, pixel ROC and PRO curves of the test split
     RUN/heatmaps/*.png        anomaly-map overlays of the test images
+
+Training runs in Lightning's ``Trainer`` with the run's ``precision`` (``32``, ``bf16-mixed``, ``16-mixed``),
+``accelerator``, ``devices`` and ``strategy`` (``ddp`` for several devices or CPU processes; ``batch_size`` is the
+total over the devices), for ``epochs`` or, when given, ``max_steps`` optimiser steps. Calibration, test and
+inference run in float32 in the calling process.
 
 Calibration (rule in :mod:`distillad.inference`): at the end of ``fit`` the decision threshold and the
 normalisation floor come from the held-out normal training images (``val_split_ratio`` of train/good, 10%
@@ -36,6 +42,7 @@ import torch
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader
 from torchvision.transforms.v2.functional import resize
 from tqdm.auto import tqdm
@@ -53,6 +60,7 @@ from distillad.inference import (
 )
 from distillad.metrics import aupro, auroc, f1_max, pro_curve, roc_curve
 from distillad.models.registry import get_model_class, model_options
+from distillad.training import ACCELERATORS, PRECISIONS, STRATEGIES
 
 DISABLED_COMPONENTS = {"post_processor": False, "evaluator": False, "visualizer": False}
 
@@ -72,6 +80,11 @@ class RunConfig:
     batch_size: int = 16
     seed: int = 0
     num_workers: int = 0
+    max_steps: int | None = None
+    precision: str = "32"
+    accelerator: str = "auto"
+    devices: int = 1
+    strategy: str = "auto"
     threshold: float | None = None
     threshold_source: str = ""
     score_floor: float | None = None
@@ -81,6 +94,32 @@ class RunConfig:
 
     def save(self, run_dir: Path) -> None:
         (run_dir / "config.json").write_text(json.dumps(asdict(self), indent=2))
+
+    @property
+    def device_batch_size(self) -> int:
+        """Training images per device and step: ``batch_size`` is the total over ``devices``."""
+        return self.batch_size // self.devices
+
+    def check_training(self) -> None:
+        """One-line errors for settings the trainer would reject late or silently misread."""
+        problems = []
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision '{self.precision}' is not one of {', '.join(PRECISIONS)}")
+        if self.accelerator not in ACCELERATORS:
+            problems.append(f"accelerator '{self.accelerator}' is not one of {', '.join(ACCELERATORS)}")
+        if self.strategy not in STRATEGIES:
+            problems.append(f"strategy '{self.strategy}' is not one of {', '.join(STRATEGIES)}")
+        if self.devices < 1:
+            problems.append(f"devices must be >= 1, got {self.devices}")
+        elif self.batch_size % self.devices:
+            problems.append(f"batch size {self.batch_size} is not divisible by {self.devices} devices "
+                            "(the batch size is the total over all devices)")
+        if self.devices > 1 and self.strategy == "auto":
+            problems.append(f"--devices {self.devices} needs --strategy ddp")
+        if self.max_steps is not None and self.max_steps < 1:
+            problems.append(f"max_steps must be >= 1, got {self.max_steps}")
+        if problems:
+            raise DistilladError("; ".join(problems))
 
     @classmethod
     def load(cls, run_dir: Path) -> RunConfig:
@@ -111,7 +150,7 @@ def build_datamodule(config: RunConfig, train_limit: int | None = None, test_lim
     """The datamodule described by ``config.data`` (``kind`` ``mvtec`` or ``folder``)."""
     data = dict(config.data)
     kind = data.pop("kind")
-    common = {"image_size": (config.image_size, config.image_size), "train_batch_size": config.batch_size,
+    common = {"image_size": (config.image_size, config.image_size), "train_batch_size": config.device_batch_size,
               "eval_batch_size": config.batch_size, "num_workers": config.num_workers, "seed": config.seed,
               "train_limit": train_limit, "test_limit": test_limit}
     if kind == "mvtec":
@@ -234,31 +273,57 @@ def write_heatmaps(predictions: Predictions, out_dir: Path, map_range: tuple[flo
         cv2.imwrite(str(out_dir / f"{unique_name(path, used)}.png"), overlay(image, anomaly_map[0].numpy(), map_range))
 
 
-class EpochClock(Callback):
-    """Wall time and number of the epochs trained in this process, so a resumed run times only its own epochs."""
+class TrainingClock(Callback):
+    """Wall time, epochs and optimiser steps trained in this run of ``fit``, written to ``RUN/training.json``.
 
-    def __init__(self) -> None:
-        self.first_epoch: int | None = None
-        self.started = 0.0
+    Only what this process (or, under DDP, this launch) trained is counted, so a resumed run times its own
+    epochs. Written by global rank 0 at the end of training, because DDP trains in worker processes whose
+    trainer state does not come back to the caller.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.first_epoch, self.first_step, self.started = 0, 0, 0.0
 
     def on_train_start(self, trainer: Trainer, pl_module: torch.nn.Module) -> None:
         del pl_module
-        self.first_epoch, self.started = trainer.current_epoch, time.perf_counter()
+        self.path.unlink(missing_ok=True)
+        self.first_epoch, self.first_step = trainer.current_epoch, trainer.global_step
+        self.started = time.perf_counter()
 
-    def measured(self, trainer: Trainer) -> tuple[float, int]:
-        """Seconds and epochs since training started here (0 epochs when the checkpoint was already complete)."""
-        if self.first_epoch is None:
-            return 0.0, 0
-        return time.perf_counter() - self.started, trainer.current_epoch - self.first_epoch
+    def on_train_end(self, trainer: Trainer, pl_module: torch.nn.Module) -> None:
+        del pl_module
+        if trainer.is_global_zero:
+            self.path.write_text(json.dumps({
+                "seconds": time.perf_counter() - self.started, "epochs": trainer.current_epoch - self.first_epoch,
+                "steps": trainer.global_step - self.first_step, "total_steps": trainer.global_step}))
+
+    def measured(self) -> dict:
+        """What ``on_train_end`` wrote; empty when nothing was trained (the checkpoint was already complete)."""
+        return json.loads(self.path.read_text()) if self.path.is_file() else {}
 
 
-def _trainer(config: RunConfig, run_dir: Path, model: torch.nn.Module, clock: EpochClock) -> Trainer:
+def _strategy(config: RunConfig) -> str | DDPStrategy:
+    """``ddp`` runs its processes with the spawn start method: training happens in workers, and ``fit`` goes on
+    in the calling process (calibration and test run once, there) with rank 0's weights. Unlike Lightning's
+    default (re-running the command line for every rank) this works from Python, notebooks, pytest and the
+    benchmark's cell processes. Unused parameters are allowed: DMDD's MSN and AAND's idle stage take no part in
+    a training step."""
+    if config.strategy == "ddp":
+        return DDPStrategy(start_method="spawn", find_unused_parameters=True)
+    return config.strategy
+
+
+def _trainer(config: RunConfig, run_dir: Path, model: torch.nn.Module, clock: TrainingClock) -> Trainer:
     # save_last with save_top_k=0 never writes last.ckpt in Lightning 2.6: keep the single newest instead.
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", save_top_k=1,
                                  enable_version_counter=False)
-    arguments = {**model.trainer_arguments, "max_epochs": config.epochs, "default_root_dir": run_dir,
+    schedule = ({"max_steps": config.max_steps, "max_epochs": -1} if config.max_steps
+                else {"max_epochs": config.epochs})
+    arguments = {**model.trainer_arguments, **schedule, "default_root_dir": run_dir,
                  "callbacks": [checkpoint, clock], "logger": CSVLogger(run_dir, name="logs"), "limit_val_batches": 0,
-                 "deterministic": "warn", "enable_model_summary": False}
+                 "deterministic": "warn", "enable_model_summary": False, "precision": config.precision,
+                 "accelerator": config.accelerator, "devices": config.devices, "strategy": _strategy(config)}
     return Trainer(**arguments)
 
 
@@ -267,6 +332,7 @@ def fit(config: RunConfig, run_dir: Path, resume: bool = False, train_limit: int
     """Train ``config`` into ``run_dir``, calibrate the threshold, test, and write the run files."""
     run_dir = Path(run_dir)
     get_model_class(config.model)
+    config.check_training()
     run_dir.mkdir(parents=True, exist_ok=True)
     config.versions = versions()
     config.test_limit = test_limit  # so that 'distillad test' re-evaluates the same test images
@@ -276,10 +342,11 @@ def fit(config: RunConfig, run_dir: Path, resume: bool = False, train_limit: int
     model = build_model(config)
     config.save(run_dir)
     last = run_dir / "checkpoints" / "last.ckpt"
-    clock = EpochClock()
+    clock = TrainingClock(run_dir / "training.json")
     trainer = _trainer(config, run_dir, model, clock)
     trainer.fit(model, datamodule=datamodule, ckpt_path=last if resume and last.is_file() else None)
-    train_seconds, epochs_trained = clock.measured(trainer)
+    trained = clock.measured()
+    model.cpu()
     trainer.save_checkpoint(run_dir / "model.ckpt")
     model.eval()
     has_val = getattr(datamodule, "val_data", None) is not None and len(datamodule.val_data) > 0
@@ -289,9 +356,12 @@ def fit(config: RunConfig, run_dir: Path, resume: bool = False, train_limit: int
     config.threshold_source = "held-out normal images" if has_val else "training images (no held-out split)"
     config.save(run_dir)
     metrics = test(run_dir, model=model, config=config, datamodule=datamodule, heatmaps=heatmaps)
-    if epochs_trained:  # else keep what an earlier, interrupted process measured (in metrics.json, if any)
-        metrics["train_seconds"] = train_seconds
-        metrics["seconds_per_epoch"] = train_seconds / epochs_trained
+    if trained.get("steps"):  # else keep what an earlier, interrupted process measured (in metrics.json, if any)
+        metrics["train_seconds"] = trained["seconds"]
+        metrics["train_steps"] = trained["total_steps"]
+        metrics["seconds_per_step"] = trained["seconds"] / trained["steps"]
+        if trained["epochs"]:
+            metrics["seconds_per_epoch"] = trained["seconds"] / trained["epochs"]
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
@@ -315,7 +385,8 @@ def test(run_dir: Path, model: torch.nn.Module | None = None, config: RunConfig 
     (run_dir / "curves.json").write_text(json.dumps(curves(predictions)))
     metrics["test_ms_per_image"] = 1000 * seconds / len(predictions.paths)
     metrics.update({"model": config.model, "backbone": config.backbone, "image_size": config.image_size,
-                    "epochs": config.epochs, "seed": config.seed})
+                    "epochs": config.epochs, "max_steps": config.max_steps, "precision": config.precision,
+                    "devices": config.devices, "seed": config.seed})
     with (run_dir / "test_scores.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "label", "score", "normalized_score", "is_anomalous"])

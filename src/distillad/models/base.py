@@ -86,6 +86,25 @@ class DistillationModule:
         optimizers = self.optimizers()
         return optimizers[index] if isinstance(optimizers, list) else optimizers
 
+    def optimize_outside_training_step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+        """One update of ``optimizer`` from ``loss`` in a loop the module runs itself (DMDD's MSN epoch).
+
+        Lightning prepares precision and DDP only for ``training_step``, so this does what it would: scales the
+        loss under ``16-mixed`` and averages the gradients over DDP ranks (DDP synchronises only the backward
+        passes of its own forward). The bare optimiser is stepped, so these updates do not count as training
+        steps (``max_steps`` counts the steps of ``training_step``).
+        """
+        bare = getattr(optimizer, "optimizer", optimizer)
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        bare.zero_grad()
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        average_gradients([p for group in bare.param_groups for p in group["params"] if p.grad is not None])
+        if scaler is not None:
+            scaler.step(bare)
+            scaler.update()
+        else:
+            bare.step()
+
     @property
     def trainer_arguments(self) -> dict[str, Any]:
         return {"gradient_clip_val": 0, "num_sanity_val_steps": 0}
@@ -93,6 +112,22 @@ class DistillationModule:
     @property
     def learning_type(self) -> LearningType:
         return LearningType.ONE_CLASS
+
+
+def average_gradients(parameters: list[nn.Parameter]) -> None:
+    """Replace the gradients of ``parameters`` by their mean over the ranks of the default process group, if any."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    world_size = torch.distributed.get_world_size()
+    if world_size == 1 or not parameters:
+        return
+    flat = torch.cat([p.grad.flatten() for p in parameters])
+    torch.distributed.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for parameter in parameters:
+        parameter.grad.copy_(flat[offset:offset + parameter.grad.numel()].view_as(parameter.grad))
+        offset += parameter.grad.numel()
 
 
 def frozen(module: nn.Module) -> nn.Module:

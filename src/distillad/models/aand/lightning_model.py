@@ -48,6 +48,8 @@ class AAND(DistillationModule, AnomalibModule):
     -> 5 + 5; ``--epochs 1`` -> stage 2 only, the RAA modules keep their initialisation). An unbounded
     trainer (``max_epochs`` None or -1) switches after exactly ``stage1_epochs``. ``stage1_epochs=0``
     builds no RAA modules: the vanilla teacher, i.e. RD with the AAND loss (Table V base / (d)).
+    With a schedule in optimiser steps (the trainer's ``max_steps``, ``fit --max-steps``) the same rule splits the
+    steps: stage 1 while ``global_step`` is below the boundary.
     Each stage has its own Adam optimiser (manual optimisation), so stage 2 cannot change RAA parameters
     and starts with fresh moments, as the authors' two training scripts do.
 
@@ -130,8 +132,10 @@ class AAND(DistillationModule, AnomalibModule):
     @property
     def stage(self) -> int:
         """The training stage (1 or 2) of the current epoch."""
-        boundary = stage1_epoch_count(self.trainer.max_epochs, self.hparams.stage1_epochs, self.hparams.stage2_epochs)
-        return 1 if self.current_epoch < boundary else 2
+        trainer, shares = self.trainer, (self.hparams.stage1_epochs, self.hparams.stage2_epochs)
+        if trainer.max_steps > 0:  # a schedule in optimiser steps splits them in the same ratio
+            return 1 if trainer.global_step < stage1_epoch_count(trainer.max_steps, *shares) else 2
+        return 1 if self.current_epoch < stage1_epoch_count(trainer.max_epochs, *shares) else 2
 
     @property
     def synthesizer(self) -> AnomalySynthesizer:

@@ -138,7 +138,11 @@ class DMDD(DistillationModule, AnomalibModule):
         return {"loss": loss.detach()}
 
     def train_segmentation_epoch(self) -> float:
-        """One pass of MSN training (Sec. 3.4) over the training images with teacher and student frozen."""
+        """One pass of MSN training (Sec. 3.4) over the training images with teacher and student frozen.
+
+        Runs in the trainer's precision and, under DDP, over this rank's share of the images with gradients
+        averaged over the ranks (:meth:`optimize_outside_training_step`).
+        """
         optimizer = self.optimizer(1)
         self.model.eval()
         self.model.msn.train()
@@ -147,13 +151,12 @@ class DMDD(DistillationModule, AnomalibModule):
             normal, anomalous, masks = self.fas_synthesizer(self.model_inputs(batch.image), keys=batch.image_path)
             pair = torch.cat([normal, anomalous])
             pair_masks = torch.cat([torch.zeros_like(masks), masks])
-            with torch.no_grad():
-                maps = self.model.distance_maps(pair)
-            logits, score = self.model.msn(maps, pair.shape[-2:])
-            loss = self.segmentation_loss(logits, score, pair_masks)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+            with self.trainer.precision_plugin.forward_context():
+                with torch.no_grad():
+                    maps = self.model.distance_maps(pair)
+                logits, score = self.model.msn(maps, pair.shape[-2:])
+                loss = self.segmentation_loss(logits, score, pair_masks)
+            self.optimize_outside_training_step(optimizer, loss)
             total, count = total + float(loss), count + 1
         self.model.train()  # keeps the teacher and the student's BatchNorm statistics frozen
         mean_loss = total / max(count, 1)

@@ -1,0 +1,223 @@
+"""Training speed: images/s per model x precision x threads, and the limit each model's step could reach.
+
+    python benchmarks/train_speed.py                                    # rd,dmdd,dskd,aand x 32,bf16-mixed x 1,2 threads
+    python benchmarks/train_speed.py --models dmdd --precisions 32 --threads 1 --label before --out /tmp/before
+    python benchmarks/train_speed.py --quick --out /tmp/speed           # a check that it runs (64 px, 2 steps an epoch)
+
+Each cell runs in its own process with ``torch.set_num_threads(threads)``: Lightning's ``Trainer`` trains the
+model for ``--epochs`` epochs on ``--images`` training images of ``--root/--category`` (batch ``--batch-size``,
+``--image-size`` px). The first epoch is a warm-up (allocator, oneDNN kernel choice, GrabCut foregrounds);
+training images/s = images of the later epochs / their wall time, everything the model does in an epoch included
+(DMDD's MSN epoch, synthesis, Lightning). AAND is timed in stage 2 (3 epochs: 1 + 2), the longer of its stages.
+
+The limit: the same step taken apart, each part timed alone on one batch of real images in the cell's
+precision: the frozen passes (teacher, and every ``no_grad`` pass) and the trainable passes (forward +
+backward of what trains, losses included). ``step / limit`` close to 1 means nothing but compute is left.
+
+The script uses only APIs that also exist before the speed work (``RunConfig``, ``build_model``,
+``build_datamodule``), so ``PYTHONPATH=OLD_CHECKOUT/src`` measures an older version (``--no-limits``).
+Writes ``OUT.json`` and ``OUT.md`` (default ``benchmarks/results/train_speed``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+MODELS = ("rd", "dmdd", "dskd", "aand")
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def _timed(call: Callable[[], object], repeats: int = 2) -> float:
+    """Seconds of one call after a warm-up call (mean of ``repeats``)."""
+    call()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        call()
+    return (time.perf_counter() - started) / repeats
+
+
+def _backward(outputs: object) -> None:
+    """Backward of a scalar made from every tensor in ``outputs`` (the cost of the trainable pass)."""
+    tensors = [outputs] if isinstance(outputs, torch.Tensor) else list(_flatten(outputs))
+    sum(t.float().mean() for t in tensors if t.requires_grad).backward()
+
+
+def _flatten(outputs: object):
+    if isinstance(outputs, torch.Tensor):
+        yield outputs
+    elif isinstance(outputs, dict):
+        for value in outputs.values():
+            yield from _flatten(value)
+    elif isinstance(outputs, list | tuple):
+        for value in outputs:
+            yield from _flatten(value)
+
+
+def step_parts(module, images: torch.Tensor, paths: list[str]) -> dict[str, float]:
+    """Seconds per batch of the frozen and trainable passes of one training step of ``module`` (in train mode)."""
+    model = module.model
+    model.train()
+    name = type(module).__name__
+    no_grad = torch.no_grad()
+    if name == "DMDD":
+        normal, anomalous, masks = module.synthesizer(images, keys=paths)
+        pair = torch.cat([normal, anomalous])
+        frozen = _timed(lambda: model.teacher_features(pair))
+        trainable = _timed(lambda: sum(module.distillation_losses(normal, anomalous, masks).values()).backward()) - frozen
+        if model.msn is not None:
+            with no_grad:
+                maps = model.distance_maps(pair)
+            frozen += _timed(lambda: no_grad(model.distance_maps)(pair))
+            pair_masks = torch.cat([torch.zeros_like(masks), masks])
+            trainable += _timed(lambda: module.segmentation_loss(*model.msn(maps, pair.shape[-2:]), pair_masks).backward())
+        return {"frozen_s": frozen, "trainable_s": trainable}
+    if name == "AAND":  # stage 2: vanilla teacher, fixed RAA modules, then the student
+        frozen = _timed(lambda: no_grad(lambda x: [o.amplified for o in model.amplify(model.encode(x))])(images))
+        with no_grad:
+            features = [o.amplified for o in model.amplify(model.encode(images))]
+        trainable = _timed(lambda: module.distillation_loss(features, model.decoder(model.bottleneck(features)))[0].backward())
+        return {"frozen_s": frozen, "trainable_s": trainable}
+    encoder = model.encoder
+    frozen = _timed(lambda: no_grad(encoder)(images))
+    with no_grad:
+        teacher = encoder(images)[:3]
+    if name == "DSKD":
+        trainable = _timed(lambda: module.loss(teacher, {k: s(teacher) for k, s in model.students.items()}).backward())
+    else:
+        trainable = _timed(lambda: module.loss(teacher, model.decoder(model.bottleneck(teacher))).backward())
+    return {"frozen_s": frozen, "trainable_s": trainable}
+
+
+def run_cell(args: argparse.Namespace, model_name: str, precision: str, threads: int) -> dict:
+    """Train one model in this process and time its epochs (and its parts, unless ``--no-limits``)."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(threads)
+    from lightning.pytorch import Callback, Trainer, seed_everything
+
+    from distillad.pipeline import RunConfig, build_datamodule, build_model
+
+    class EpochTimes(Callback):
+        def __init__(self) -> None:
+            self.starts: list[float] = []
+            self.end = 0.0
+
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            self.starts.append(time.perf_counter())
+
+        def on_train_end(self, trainer, pl_module) -> None:
+            self.end = time.perf_counter()
+
+    seed_everything(0, verbose=False)
+    config = RunConfig(model=model_name, model_options={}, data={"kind": "mvtec", "root": args.root,
+                                                                 "category": args.category},
+                       image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size)
+    datamodule = build_datamodule(config, train_limit=args.images, test_limit=1)
+    datamodule.setup()
+    module = build_model(config)
+    timer = EpochTimes()
+    trainer = Trainer(max_epochs=args.epochs, precision=precision, accelerator="cpu", devices=1, callbacks=[timer],
+                      logger=False, enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0,
+                      deterministic="warn", enable_model_summary=False, **module.trainer_arguments)
+    trainer.fit(module, datamodule=datamodule)
+    images = len(datamodule.train_data)
+    seconds = timer.end - timer.starts[1]
+    result = {"model": model_name, "precision": precision, "threads": threads, "train_images": images,
+              "steps_per_epoch": -(-images // args.batch_size), "epochs_timed": args.epochs - 1,
+              "seconds_per_epoch": seconds / (args.epochs - 1),
+              "images_per_s": images * (args.epochs - 1) / seconds}
+    if not args.no_limits:
+        batch = next(iter(datamodule.train_dataloader()))
+        inputs = module.model_inputs(batch.image)
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+        with autocast:
+            parts = step_parts(module, inputs, [str(p) for p in batch.image_path])
+        limit = parts["frozen_s"] + parts["trainable_s"]
+        result.update({**parts, "limit_images_per_s": len(inputs) / limit,
+                       "seconds_per_step": seconds / ((args.epochs - 1) * result["steps_per_epoch"])})
+        result["step_over_limit"] = result["limit_images_per_s"] / result["images_per_s"]
+    return result
+
+
+def _cell_process(args: argparse.Namespace, model: str, precision: str, threads: int, queue) -> None:
+    try:
+        queue.put(run_cell(args, model, precision, threads))
+    except Exception as error:  # one failing cell is reported, the others go on
+        queue.put({"model": model, "precision": precision, "threads": threads, "error": f"{type(error).__name__}: {error}"})
+
+
+def markdown(rows: list[dict], args: argparse.Namespace) -> str:
+    lines = [f"# Training speed ({args.label})", "",
+             f"{args.category} from {args.root}, tf_efficientnet_lite0, {args.image_size} px, batch {args.batch_size}, "
+             f"{rows[0].get('train_images', '?')} training images, {args.epochs} epochs (the first one untimed); "
+             f"one process per cell on {os.cpu_count()} CPU cores, nothing else running.", "",
+             "| model | precision | threads | train images/s | s/step | frozen s/batch | trainable s/batch | "
+             "limit images/s | step / limit |", "|---|---|---|---|---|---|---|---|---|"]
+
+    def number(row: dict, key: str, digits: int = 2) -> str:
+        return f"{row[key]:.{digits}f}" if key in row else "-"
+
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['model']} | {row['precision']} | {row['threads']} | failed: {row['error']} |||||| ")
+            continue
+        lines.append(f"| {row['model']} | {row['precision']} | {row['threads']} | {number(row, 'images_per_s')} | "
+                     f"{number(row, 'seconds_per_step')} | {number(row, 'frozen_s')} | {number(row, 'trainable_s')} | "
+                     f"{number(row, 'limit_images_per_s')} | {number(row, 'step_over_limit')} |")
+    lines += ["", "frozen / trainable: one batch's teacher and no-grad passes / forward + backward of what trains "
+              "(DMDD: distillation step and MSN step, the MSN epoch's no-grad teacher + student pass counted as "
+              "frozen; AAND: stage 2). limit = batch / (frozen + trainable)."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", type=_names, default=list(MODELS))
+    parser.add_argument("--precisions", type=_names, default=["32", "bf16-mixed"])
+    parser.add_argument("--threads", type=lambda text: [int(t) for t in _names(text)], default=[1, 2])
+    parser.add_argument("--root", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    parser.add_argument("--category", default="mtd")
+    parser.add_argument("--images", type=int, default=36, help="training-image limit (10%% are held out)")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--no-limits", action="store_true", help="skip timing the parts (for older versions)")
+    parser.add_argument("--label", default="after")
+    parser.add_argument("--quick", action="store_true", help="64 px, 10 images, batch 4: a check that it runs")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "train_speed")
+    args = parser.parse_args()
+    if args.quick:
+        args.image_size, args.images, args.batch_size = 64, 10, 4
+    context = multiprocessing.get_context("spawn")
+    rows = []
+    for model in args.models:
+        for precision in args.precisions:
+            for threads in args.threads:
+                queue = context.Queue()
+                process = context.Process(target=_cell_process, args=(args, model, precision, threads, queue))
+                process.start()
+                row = queue.get()
+                process.join()
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps({"label": args.label, "settings": {
+        k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "rows": rows}, indent=2))
+    args.out.with_suffix(".md").write_text(markdown(rows, args))
+    print(markdown(rows, args))
+
+
+if __name__ == "__main__":
+    main()
