@@ -21,6 +21,10 @@ def pytest_configure(config: pytest.Config) -> None:
     """
     del config
     torch.set_num_threads(int(os.environ.get("DISTILLAD_TEST_THREADS", "1")))
+    # Foreground masks go to a fresh folder per session, not the user's cache (tests must not read old ones).
+    import tempfile
+
+    os.environ["DISTILLAD_CACHE_DIR"] = tempfile.mkdtemp(prefix="distillad-cache-")
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ from torch import nn
 from distillad.backbones import create_encoder
 from distillad.components import (
     BlockFamily,
+    FrozenFeatureCache,
     MirrorDecoder,
     MultiScaleAnomalyMap,
     OneClassBottleneck,
@@ -203,3 +204,62 @@ def test_multiscale_map_smoothing_lowers_a_single_spike() -> None:
     assert float(smooth.max()) < 0.05  # 1 / (2 pi 16) ~ 0.01
     assert tuple(torch.nonzero(smooth[0, 0] == smooth.max())[0].tolist()) == (16, 16)
     assert float(smooth.sum()) == pytest.approx(float(sharp.sum()), rel=1e-3)
+
+
+# --- frozen-teacher feature cache -----------------------------------------------------------------
+
+
+def test_teacher_features_do_not_depend_on_the_rest_of_the_batch() -> None:
+    """What makes caching per image exact: an image's features are bitwise the same in any batch."""
+    from distillad.models.base import channels_last
+
+    encoder = channels_last(create_encoder("tf_efficientnet_lite0").eval())
+    images = torch.rand(5, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        together = encoder(images)
+        alone = encoder(images[3:4])
+        pair = encoder(images[[4, 1]])
+    for level, single, two in zip(together, alone, pair):
+        assert torch.equal(level[3:4], single)
+        assert torch.equal(level[[4, 1]], two)
+
+
+def test_feature_cache_encodes_each_image_once_and_returns_the_same_features() -> None:
+    calls = []
+
+    def encode(images: torch.Tensor) -> list[torch.Tensor]:
+        calls.append(len(images))
+        return [images * 2, images.mean(dim=1, keepdim=True)]
+
+    cache = FrozenFeatureCache()
+    images = torch.rand(4, 3, 8, 8)
+    first = cache(encode, images)
+    assert calls == [4]
+    shuffled = images[[2, 0, 3, 1]]
+    again = cache(encode, shuffled)
+    assert calls == [4]  # every image was seen
+    for cached, direct in zip(again, encode(shuffled)):
+        assert torch.equal(cached, direct)
+    calls.clear()
+    changed = images.clone()
+    changed[1, 0, 0, 0] += 0.5  # an augmented or synthesised image: other pixels, another entry
+    cache(encode, changed)
+    assert calls == [1] and len(cache) == 5
+    assert [f.shape for f in first] == [(4, 3, 8, 8), (4, 1, 8, 8)]
+
+
+def test_feature_cache_keeps_to_its_budget() -> None:
+    calls = []
+
+    def encode(images: torch.Tensor) -> list[torch.Tensor]:
+        calls.append(len(images))
+        return [images.clone()]
+
+    images = torch.rand(4, 3, 16, 16)  # 3 KiB of features an image
+    cache = FrozenFeatureCache(budget_mb=7 / 1024)
+    cache(encode, images)
+    cache(encode, images)
+    assert len(cache) == 2 and calls == [4, 2]
+    disabled = FrozenFeatureCache(budget_mb=0)
+    disabled(encode, images)
+    assert len(disabled) == 0

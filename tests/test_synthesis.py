@@ -149,7 +149,7 @@ def test_foreground_cache_computes_once_per_key_and_size(monkeypatch):
         return original(image)
 
     monkeypatch.setitem(FOREGROUND_MODES, "threshold", counting)
-    cache = ForegroundCache("threshold")
+    cache = ForegroundCache("threshold", cache_dir=None)
     image = disc_image()
     first = cache.get("a.png", image)
     assert torch.equal(cache.get("a.png", image), first)
@@ -162,7 +162,30 @@ def test_foreground_cache_computes_once_per_key_and_size(monkeypatch):
     assert torch.equal(first, ForegroundCache("threshold").compute(image))
 
 
-def test_synthesizer_caches_foregrounds_only_with_keys(monkeypatch):
+def test_foreground_cache_on_disk_serves_another_run_and_survives_a_bad_file(monkeypatch, tmp_path):
+    image = disc_image()
+    first = ForegroundCache("grabcut", cache_dir=tmp_path).get("a.png", image)
+    files = list(tmp_path.glob("*.npy"))
+    assert len(files) == 1
+
+    def fail(image):
+        raise AssertionError("GrabCut ran although the foreground was on disk")
+
+    monkeypatch.setitem(FOREGROUND_MODES, "grabcut", fail)
+    assert torch.equal(ForegroundCache("grabcut", cache_dir=tmp_path).get("renamed.png", image), first)
+    monkeypatch.undo()
+    calls = []
+    original = FOREGROUND_MODES["grabcut"]
+    monkeypatch.setitem(FOREGROUND_MODES, "grabcut", lambda image: calls.append(1) or original(image))
+    ForegroundCache("grabcut", cache_dir=tmp_path, min_fraction=0.1).get("a.png", image)  # other settings
+    assert len(calls) == 1 and len(list(tmp_path.glob("*.npy"))) == 2
+    files[0].write_bytes(b"truncated")
+    assert torch.equal(ForegroundCache("grabcut", cache_dir=tmp_path).get("a.png", image), first)
+    assert len(calls) == 2
+
+
+def test_synthesizer_caches_foregrounds_only_with_keys(monkeypatch, tmp_path):
+    monkeypatch.setenv("DISTILLAD_CACHE_DIR", str(tmp_path))
     calls = []
     original = FOREGROUND_MODES["threshold"]
     monkeypatch.setitem(FOREGROUND_MODES, "threshold", lambda image: calls.append(1) or original(image))

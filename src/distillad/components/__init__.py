@@ -10,9 +10,11 @@ from distillad.components.distance import (
     gaussian_smoothing,
     upsampled_sum,
 )
+from distillad.components.feature_cache import FrozenFeatureCache
 
 __all__ = [
     "BlockFamily",
+    "FrozenFeatureCache",
     "MirrorDecoder",
     "MultiScaleAnomalyMap",
     "OneClassBottleneck",

@@ -23,10 +23,14 @@ than :data:`MAX_FRACTION` of the image is replaced by the whole image. 2 % keeps
 (an MVTec screw covers a few per cent of its image) while discarding segmentation failures; above 95 %
 restricting to the foreground changes nothing useful.
 
-Foregrounds are computed once per training image and cached by :class:`ForegroundCache`.
+Foregrounds are computed once per training image and cached by :class:`ForegroundCache`, in memory and on
+disk, so a second run or a resumed one does not run GrabCut again.
 """
 
+import hashlib
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -145,15 +149,29 @@ def compute_foreground(
     return foreground
 
 
-class ForegroundCache:
-    """Foreground masks computed once per training image and kept (bit-packed) in memory.
+def default_cache_dir() -> Path | None:
+    """Where foregrounds are kept between runs: ``$DISTILLAD_CACHE_DIR`` (empty: nowhere), else
+    ``$XDG_CACHE_HOME/distillad`` or ``~/.cache/distillad``; subfolder ``foregrounds``."""
+    configured = os.environ.get("DISTILLAD_CACHE_DIR")
+    if configured is not None:
+        return Path(configured) / "foregrounds" if configured else None
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "distillad" / "foregrounds"
 
-    ``get(key, image)`` caches by ``(key, H, W)``; ``key`` is the image's path. ``compute(image)`` is the
-    uncached variant for batches without paths. Raises :class:`DistilladError` for an unknown ``mode``
-    or fractions outside ``0 <= min_fraction < max_fraction <= 1``.
+
+class ForegroundCache:
+    """Foreground masks computed once per training image and kept (bit-packed) in memory and on disk.
+
+    ``get(key, image)`` caches by ``(key, H, W)`` in memory (``key`` is the image's path) and, for the modes
+    that cost something (``grabcut``, ``threshold``), in ``cache_dir`` under a name made of the image's pixels
+    (so its content and size), the mode, the fractions and the algorithm's constants: another run, a resumed
+    one or a DataLoader worker finds it there. A file that cannot be read is recomputed; a cache folder that
+    cannot be written is skipped. ``compute(image)`` is the uncached variant for batches without paths.
+    Raises :class:`DistilladError` for an unknown ``mode`` or fractions outside
+    ``0 <= min_fraction < max_fraction <= 1``.
     """
 
-    def __init__(self, mode: str = "grabcut", min_fraction: float = MIN_FRACTION, max_fraction: float = MAX_FRACTION):
+    def __init__(self, mode: str = "grabcut", min_fraction: float = MIN_FRACTION, max_fraction: float = MAX_FRACTION,
+                 cache_dir: Path | str | None = "default"):
         self.mode = check_foreground_mode(mode)
         if not 0.0 <= min_fraction < max_fraction <= 1.0:
             raise DistilladError(
@@ -163,6 +181,9 @@ class ForegroundCache:
         self.min_fraction = min_fraction
         self.max_fraction = max_fraction
         self._masks: dict[tuple[str, int, int], np.ndarray] = {}
+        self.cache_dir = default_cache_dir() if cache_dir == "default" else (Path(cache_dir) if cache_dir else None)
+        if self.mode == "none":  # nothing to save: the whole image
+            self.cache_dir = None
 
     def __len__(self) -> int:
         """Number of cached masks."""
@@ -178,6 +199,33 @@ class ForegroundCache:
         height, width = image.shape[-2:]
         entry = (key, int(height), int(width))
         if entry not in self._masks:
-            self._masks[entry] = np.packbits(self.compute(image).numpy())
+            self._masks[entry] = self._stored(image)
         unpacked = np.unpackbits(self._masks[entry], count=int(height) * int(width))
         return torch.from_numpy(unpacked.reshape(int(height), int(width)).astype(bool))
+
+    def _file(self, pixels: np.ndarray) -> Path:
+        settings = (self.mode, self.min_fraction, self.max_fraction, GRABCUT_INSET, GRABCUT_ITERATIONS,
+                    GRABCUT_MAX_SIDE, pixels.shape)
+        digest = hashlib.sha256(repr(settings).encode() + pixels.tobytes()).hexdigest()
+        return self.cache_dir / f"{digest[:40]}.npy"
+
+    def _stored(self, image: torch.Tensor) -> np.ndarray:
+        """The bit-packed foreground of ``image``, read from the disk cache or computed (and saved there)."""
+        pixels = to_uint8_rgb(image)
+        path = self._file(pixels) if self.cache_dir is not None else None
+        if path is not None and path.is_file():
+            try:
+                return np.load(path, allow_pickle=False)
+            except (OSError, ValueError):
+                pass  # a truncated or foreign file: compute again and replace it
+        packed = np.packbits(compute_foreground(pixels, self.mode, self.min_fraction, self.max_fraction))
+        if path is not None:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                partial = path.with_suffix(f".{os.getpid()}.tmp")
+                with partial.open("wb") as handle:
+                    np.save(handle, packed, allow_pickle=False)
+                partial.replace(path)  # atomic: readers never see half a file
+            except OSError:
+                pass  # a read-only cache folder only costs the recomputation next time
+        return packed

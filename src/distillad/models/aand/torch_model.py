@@ -39,7 +39,14 @@ from anomalib.models.image.cflow.utils import positional_encoding_2d
 from torch import nn
 
 from distillad.backbones import create_encoder
-from distillad.components import MirrorDecoder, MultiScaleAnomalyMap, OneClassBottleneck, block_family, upsampled_sum
+from distillad.components import (
+    FrozenFeatureCache,
+    MirrorDecoder,
+    MultiScaleAnomalyMap,
+    OneClassBottleneck,
+    block_family,
+    upsampled_sum,
+)
 from distillad.models.base import channels_last, frozen, image_score, keep_frozen_in_eval
 
 #: A level patch is anomalous when more than this fraction of its pixels lies in the pseudo-anomaly mask.
@@ -224,6 +231,9 @@ class AANDModel(nn.Module):
         self.decoder = MirrorDecoder(channels[3], channels[:3], family)
         self.anomaly_map = MultiScaleAnomalyMap(sigma)
         self.score = score
+        # Stage 2 encodes the same normal images every epoch (the RAA modules run on top, uncached: they trained
+        # in stage 1). Not in the state dict.
+        self.teacher_cache = FrozenFeatureCache()
         channels_last(self)
 
     def train(self, mode: bool = True) -> AANDModel:
@@ -246,7 +256,7 @@ class AANDModel(nn.Module):
         return [module(f, m) for module, f, m in zip(self.raa, features, masks, strict=True)]
 
     def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]] | InferenceBatch:
-        features = self.encode(images)
+        features = self.teacher_cache(self.encode, images) if self.training else self.encode(images)
         outputs = None
         if self.raa is not None:
             with torch.no_grad():  # the advanced teacher is fixed after stage 1 (Algorithm 1, line 10)

@@ -109,7 +109,9 @@ class DMDD(DistillationModule, AnomalibModule):
                             masks: torch.Tensor) -> dict[str, torch.Tensor]:
         """L_NGM and L_AIM for a batch of normal images, their anomalous twins and the twins' masks."""
         pair = torch.cat([normal, anomalous])
-        teacher = self.model.teacher_features(pair)
+        # The normal images repeat every epoch (cached teacher features); their anomalous twins never do.
+        normal_teacher = self.model.teacher_cache(self.model.teacher_features, normal)
+        teacher = [torch.cat(halves) for halves in zip(normal_teacher, self.model.teacher_features(anomalous))]
         student = self.model.student_features(pair)
         batch = len(normal)
         losses = {}

@@ -47,7 +47,7 @@ from anomalib.data import InferenceBatch
 from torch import nn
 
 from distillad.backbones import create_encoder
-from distillad.components import cosine_distance_map, gaussian_smoothing, upsampled_sum
+from distillad.components import FrozenFeatureCache, cosine_distance_map, gaussian_smoothing, upsampled_sum
 from distillad.models.base import channels_last, frozen, image_score, keep_frozen_in_eval
 
 BRANCHES = {"normality": ("normality",), "abnormality": ("abnormality",), "both": ("normality", "abnormality")}
@@ -278,6 +278,7 @@ class DMDDModel(nn.Module):
         self.msn = (MultiPerceptionSegmentationNetwork(4 * len(self.branches), image_size, pyramid_upsampling,
                                                        multi_perception, top_k) if msn else None)
         self.blur = gaussian_smoothing(sigma)
+        self.teacher_cache = FrozenFeatureCache()  # normal training images repeat every epoch; not in the state dict
         channels_last(self)
         self.train()
 

@@ -11,7 +11,14 @@ from anomalib.data import InferenceBatch
 from torch import nn
 
 from distillad.backbones import create_encoder
-from distillad.components import MirrorDecoder, OneClassBottleneck, block_family, gaussian_smoothing, upsampled_sum
+from distillad.components import (
+    FrozenFeatureCache,
+    MirrorDecoder,
+    OneClassBottleneck,
+    block_family,
+    gaussian_smoothing,
+    upsampled_sum,
+)
 from distillad.models.base import channels_last, frozen, image_score, keep_frozen_in_eval
 from distillad.models.dskd.loss import discrepancy_maps
 
@@ -130,6 +137,7 @@ class DSKDModel(nn.Module):
         self.temperature = temperature
         self.chunk_rows = chunk_rows
         self.blur = gaussian_smoothing(sigma)
+        self.teacher_cache = FrozenFeatureCache()  # training images repeat every epoch; not in the state dict
         channels_last(self)
 
     def train(self, mode: bool = True) -> DSKDModel:
@@ -146,9 +154,13 @@ class DSKDModel(nn.Module):
             summed[name] = upsampled_sum(maps, image_size)
         return summed
 
+    def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The frozen teacher's stage 1-3 features F_T^1..3."""
+        return self.encoder(images)[:3]
+
     def _features(self, images: torch.Tensor) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]:
         with torch.no_grad():
-            teacher = self.encoder(images)[:3]
+            teacher = self.teacher_cache(self.encode, images) if self.training else self.encode(images)
         return teacher, {name: student(teacher) for name, student in self.students.items()}
 
     @torch.no_grad()

@@ -9,7 +9,7 @@ from anomalib.data import InferenceBatch
 from torch import nn
 
 from distillad.backbones import create_encoder
-from distillad.components import MirrorDecoder, MultiScaleAnomalyMap, OneClassBottleneck, block_family
+from distillad.components import FrozenFeatureCache, MirrorDecoder, MultiScaleAnomalyMap, OneClassBottleneck, block_family
 from distillad.models.base import channels_last, frozen, image_score, keep_frozen_in_eval
 
 
@@ -36,15 +36,20 @@ class ReverseDistillationModel(nn.Module):
         self.bottleneck = OneClassBottleneck(channels[:3], channels[3], family)
         self.decoder = MirrorDecoder(channels[3], channels[:3], family)
         self.anomaly_map = MultiScaleAnomalyMap(sigma)
+        self.teacher_cache = FrozenFeatureCache()  # training images repeat every epoch; not in the state dict
         channels_last(self)
 
     def train(self, mode: bool = True) -> ReverseDistillationModel:
         keep_frozen_in_eval(self, mode, [self.encoder])
         return self
 
+    def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The frozen teacher's stage 1-3 features."""
+        return self.encoder(images)[:3]
+
     def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]] | InferenceBatch:
         with torch.no_grad():
-            teacher = self.encoder(images)[:3]
+            teacher = self.teacher_cache(self.encode, images) if self.training else self.encode(images)
         student = self.decoder(self.bottleneck(teacher))
         if self.training:
             return teacher, student
