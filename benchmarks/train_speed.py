@@ -12,8 +12,8 @@ training images/s = images of the later epochs / their wall time, everything the
 
 The limit: the same step taken apart, each part timed alone on one batch of real images in the cell's
 precision: the frozen passes that remain once the teacher features of the training images are cached
-(:class:`~distillad.components.FrozenFeatureCache`: DMDD's teacher on the anomalous twins and the MSN epoch's
-no-grad teacher + student pass, AAND's fixed RAA modules; none for RD and DSKD) and the trainable passes
+(:class:`~distillad.components.FrozenFeatureCache`: DMDD's teacher on the anomalous twins, in the student step
+and in the MSN epoch, and the MSN epoch's no-grad student pass; AAND's fixed RAA modules; none for RD and DSKD) and the trainable passes
 (forward + backward of what trains, losses included). ``step / limit`` close to 1 means nothing but compute
 is left.
 
@@ -82,7 +82,7 @@ def step_parts(module, images: torch.Tensor, paths: list[str]) -> dict[str, floa
         if model.msn is not None:
             with no_grad:
                 maps = model.distance_maps(pair)
-            frozen += _timed(lambda: no_grad(model.distance_maps)(pair))
+            frozen += _timed(lambda: no_grad(model.distance_maps)(pair, model.pair_teacher_features(normal, anomalous)))
             pair_masks = torch.cat([torch.zeros_like(masks), masks])
             trainable += _timed(lambda: module.segmentation_loss(*model.msn(maps, pair.shape[-2:]), pair_masks).backward())
         return {"frozen_s": frozen, "trainable_s": trainable}

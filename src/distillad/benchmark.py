@@ -214,7 +214,7 @@ def run_benchmark(settings: BenchmarkSettings, models: list[str], categories: li
                 log(f"[{category} / {model_name}] finished earlier; skipped")
                 rows.append(json.loads(finished.read_text()))
             else:
-                log(f"[{category} / {model_name}] training {settings.epochs} epoch(s)")
+                log(f"[{category} / {model_name}] training {schedule(settings)}")
                 rows.append(run_isolated(settings, category, model_name, run_dir))
                 if "error" in rows[-1]:
                     log(f"[{category} / {model_name}] failed: {rows[-1]['error']}")
@@ -227,6 +227,11 @@ def run_benchmark(settings: BenchmarkSettings, models: list[str], categories: li
         write_tables(rows, settings, models, categories, out)
     log(f"results: {out / 'results.md'}")
     return rows
+
+
+def schedule(settings: BenchmarkSettings) -> str:
+    """How long every cell trains, in words."""
+    return f"{settings.max_steps} step(s)" if settings.max_steps else f"{settings.epochs} epoch(s)"
 
 
 def _percent_triplet(row: dict) -> str:
@@ -278,7 +283,9 @@ def markdown(rows: list[dict], settings: BenchmarkSettings, models: list[str], c
     lines = [
         f"# distillad benchmark: {', '.join(models)} on {', '.join(categories)}", "",
         f"{settings.backbone} ({'ImageNet weights' if settings.pretrained else 'random weights'}), "
-        f"{settings.image_size} px, {settings.epochs} epoch(s), batch {settings.batch_size}, seed {settings.seed}"
+        f"{settings.image_size} px, {schedule(settings)}, batch {settings.batch_size}, seed {settings.seed}, "
+        f"precision {settings.precision}"
+        + (f", {settings.devices} devices ({settings.strategy})" if settings.devices > 1 else "")
         + (f", {limits}" if limits else "") + (f", options {settings.options}" if settings.options else "")
         + f"; {platform.machine()} with {os.cpu_count()} CPU cores"
         + (f", {rows[0].get('torch_threads')} torch thread(s)" if rows and "torch_threads" in rows[0] else "") + ".",

@@ -109,9 +109,7 @@ class DMDD(DistillationModule, AnomalibModule):
                             masks: torch.Tensor) -> dict[str, torch.Tensor]:
         """L_NGM and L_AIM for a batch of normal images, their anomalous twins and the twins' masks."""
         pair = torch.cat([normal, anomalous])
-        # The normal images repeat every epoch (cached teacher features); their anomalous twins never do.
-        normal_teacher = self.model.teacher_cache(self.model.teacher_features, normal)
-        teacher = [torch.cat(halves) for halves in zip(normal_teacher, self.model.teacher_features(anomalous))]
+        teacher = self.model.pair_teacher_features(normal, anomalous)
         student = self.model.student_features(pair)
         batch = len(normal)
         losses = {}
@@ -155,7 +153,7 @@ class DMDD(DistillationModule, AnomalibModule):
             pair_masks = torch.cat([torch.zeros_like(masks), masks])
             with self.trainer.precision_plugin.forward_context():
                 with torch.no_grad():
-                    maps = self.model.distance_maps(pair)
+                    maps = self.model.distance_maps(pair, self.model.pair_teacher_features(normal, anomalous))
                 logits, score = self.model.msn(maps, pair.shape[-2:])
                 loss = self.segmentation_loss(logits, score, pair_masks)
             self.optimize_outside_training_step(optimizer, loss)

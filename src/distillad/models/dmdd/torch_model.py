@@ -291,13 +291,23 @@ class DMDDModel(nn.Module):
         with torch.no_grad():
             return self.teacher(images)
 
+    def pair_teacher_features(self, normal: torch.Tensor, anomalous: torch.Tensor) -> list[torch.Tensor]:
+        """Teacher features of ``cat([normal, anomalous])``; the normal training images repeat every epoch, so
+        theirs come from :attr:`teacher_cache`, while synthetic twins are never seen twice."""
+        normal_features = self.teacher_cache(self.teacher_features, normal)
+        return [torch.cat(halves) for halves in zip(normal_features, self.teacher_features(anomalous))]
+
     def student_features(self, images: torch.Tensor) -> dict[str, list[torch.Tensor]]:
         """Decoupled, PMN-refined student features per branch (F^SNGM_i and F^SAIM_i)."""
         return self.pmn(self.student(self.teacher.normalize(images)))
 
-    def distance_maps(self, images: torch.Tensor) -> dict[str, list[torch.Tensor]]:
-        """Per branch, the four cosine-distance maps between teacher and student features (Eq. 1, 4)."""
-        teacher = self.teacher_features(images)
+    def distance_maps(self, images: torch.Tensor,
+                      teacher: list[torch.Tensor] | None = None) -> dict[str, list[torch.Tensor]]:
+        """Per branch, the four cosine-distance maps between teacher and student features (Eq. 1, 4).
+
+        ``teacher``: the teacher features of ``images`` when the caller has them (training reads cached ones).
+        """
+        teacher = self.teacher_features(images) if teacher is None else teacher
         student = self.student_features(images)
         return {branch: [cosine_distance_map(t, s) for t, s in zip(teacher, student[branch])] for branch in student}
 
