@@ -17,6 +17,7 @@ from distillad.models.base import average_gradients
 from distillad.models.dmdd.torch_model import MultiPerceptionSegmentationNetwork
 from distillad.pipeline import RunConfig, fit
 from distillad.synthesis import AnomalySynthesizer
+from distillad.training import cpu_has_native_bf16
 
 RUN_FILES = {"config.json", "model.ckpt", "checkpoints/last.ckpt", "metrics.json", "test_scores.csv", "curves.json",
              "training.json"}
@@ -125,3 +126,9 @@ def test_two_process_cpu_ddp_fit_writes_a_complete_run(model: str, shared_data: 
     assert metrics["train_steps"] == 4
     assert metrics["devices"] == 2
     assert 0.0 <= metrics["image_AUROC"] <= 1.0 and metrics["num_test_images"] == 8
+
+
+def test_native_bf16_is_read_from_the_cpu_flags() -> None:
+    assert cpu_has_native_bf16("processor : 0\nflags : fpu avx512f amx_bf16 amx_tile\n")
+    assert cpu_has_native_bf16("flags\t\t: fpu avx512f avx512_bf16\n")
+    assert not cpu_has_native_bf16("flags : fpu avx2 avx512f avx512_vnni\n")
