@@ -35,6 +35,8 @@ def run_files(run_dir: Path) -> set[str]:
 @pytest.mark.parametrize(("argv", "fragment"), [
     (["--devices", "2"], "needs --strategy ddp"),
     (["--devices", "3", "--strategy", "ddp"], "not divisible by 3 devices"),
+    pytest.param(["--accelerator", "gpu", "--devices", "64", "--strategy", "ddp"], "CUDA GPU(s) are visible",
+                 id="more-gpus-than-visible"),
 ])
 def test_device_settings_the_trainer_cannot_honour_are_one_line_errors(argv: list[str], fragment: str, shared_data: Path,
                                                                         tmp_path: Path, monkeypatch, capsys) -> None:

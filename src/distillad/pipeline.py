@@ -117,6 +117,9 @@ class RunConfig:
                             "(the batch size is the total over all devices)")
         if self.devices > 1 and self.strategy == "auto":
             problems.append(f"--devices {self.devices} needs --strategy ddp")
+        if self.accelerator == "gpu" and torch.cuda.device_count() < self.devices:
+            problems.append(f"--accelerator gpu with {self.devices} device(s), but {torch.cuda.device_count()} CUDA GPU(s) "
+                            "are visible; use --accelerator cpu (or auto), or fewer --devices")
         if self.max_steps is not None and self.max_steps < 1:
             problems.append(f"max_steps must be >= 1, got {self.max_steps}")
         if problems:
