@@ -254,7 +254,8 @@ def _format(value: object) -> str:
 
 DETAIL_COLUMNS = [("image_AUROC", "I-AUROC"), ("pixel_AUROC", "P-AUROC"), ("pixel_AUPRO", "AUPRO"),
                   ("image_F1max", "I-F1max"), ("image_F1_at_threshold", "I-F1 @ calibrated thr."),
-                  ("seconds_per_epoch", "train s/epoch"), ("infer_ms_per_image_batch1", "ms/img b1"),
+                  ("seconds_per_epoch", "train s/epoch"), ("seconds_per_step", "train s/step"),
+                  ("infer_ms_per_image_batch1", "ms/img b1"),
                   ("infer_ms_per_image_batch32", "ms/img b32"), ("peak_memory_MB", "peak MB"),
                   ("trainable_parameters_M", "trainable M")]
 
@@ -312,7 +313,8 @@ def markdown(rows: list[dict], settings: BenchmarkSettings, models: list[str], c
 
 
 CSV_FIELDS = ["category", "model", "image_AUROC", "pixel_AUROC", "pixel_AUPRO", "image_F1max", "image_F1max_threshold",
-              "image_F1_at_threshold", "threshold", "train_seconds", "seconds_per_epoch", "test_ms_per_image",
+              "image_F1_at_threshold", "threshold", "train_seconds", "seconds_per_epoch", "seconds_per_step", "train_steps",
+              "test_ms_per_image",
               "infer_ms_per_image_batch1", "infer_ms_per_image_batch32", "peak_memory_MB", "parameters_M",
               "trainable_parameters_M", "backbone", "image_size", "epochs", "seed", "torch_threads", "error"]
 

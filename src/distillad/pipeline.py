@@ -291,7 +291,6 @@ class TrainingClock(Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: torch.nn.Module) -> None:
         del pl_module
-        self.path.unlink(missing_ok=True)
         self.first_epoch, self.first_step = trainer.current_epoch, trainer.global_step
         self.started = time.perf_counter()
 
@@ -351,6 +350,7 @@ def fit(config: RunConfig, run_dir: Path, resume: bool = False, train_limit: int
     config.save(run_dir)
     last = run_dir / "checkpoints" / "last.ckpt"
     clock = TrainingClock(run_dir / "training.json")
+    clock.path.unlink(missing_ok=True)  # a checkpoint that was already complete trains nothing and writes nothing
     trainer = _trainer(config, run_dir, model, clock)
     trainer.fit(model, datamodule=datamodule, ckpt_path=last if resume and last.is_file() else None)
     trained = clock.measured()
