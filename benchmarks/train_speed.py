@@ -13,9 +13,9 @@ training images/s = images of the later epochs / their wall time, everything the
 The limit: the same step taken apart, each part timed alone on one batch of real images in the cell's
 precision: the frozen passes that remain once the teacher features of the training images are cached
 (:class:`~distillad.components.FrozenFeatureCache`: DMDD's teacher on the anomalous twins, in the student step
-and in the MSN epoch, and the MSN epoch's no-grad student pass; AAND's fixed RAA modules; none for RD and DSKD) and the trainable passes
-(forward + backward of what trains, losses included). ``step / limit`` close to 1 means nothing but compute
-is left.
+and in the MSN epoch, and the MSN epoch's no-grad student pass; AAND's fixed RAA modules; none for RD and
+DSKD) and the trainable passes (forward + backward of what trains, losses included). ``step / limit``
+close to 1 means nothing but compute is left.
 
 The script uses only APIs that also exist before the speed work (``RunConfig``, ``build_model``,
 ``build_datamodule``), so ``PYTHONPATH=OLD_CHECKOUT/src`` measures an older version (``--no-limits``).
