@@ -50,23 +50,6 @@ def _timed(call: Callable[[], object], repeats: int = 2) -> float:
     return (time.perf_counter() - started) / repeats
 
 
-def _backward(outputs: object) -> None:
-    """Backward of a scalar made from every tensor in ``outputs`` (the cost of the trainable pass)."""
-    tensors = [outputs] if isinstance(outputs, torch.Tensor) else list(_flatten(outputs))
-    sum(t.float().mean() for t in tensors if t.requires_grad).backward()
-
-
-def _flatten(outputs: object):
-    if isinstance(outputs, torch.Tensor):
-        yield outputs
-    elif isinstance(outputs, dict):
-        for value in outputs.values():
-            yield from _flatten(value)
-    elif isinstance(outputs, list | tuple):
-        for value in outputs:
-            yield from _flatten(value)
-
-
 def step_parts(module, images: torch.Tensor, paths: list[str]) -> dict[str, float]:
     """Seconds per batch of the frozen and trainable passes of one training step of ``module`` (in train mode)."""
     model = module.model
