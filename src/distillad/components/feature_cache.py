@@ -56,6 +56,8 @@ class FrozenFeatureCache:
             for position, index in enumerate(missing):
                 fresh[index] = [level[position] for level in features]
                 self._store(keys[index], fresh[index])
+            if len(missing) == len(keys):  # nothing came from the cache: the batch is already in order
+                return features
         rows = [fresh[index] if index in fresh else self.entries[key] for index, key in enumerate(keys)]
         return [torch.stack([row[level] for row in rows]).contiguous(memory_format=torch.channels_last)
                 for level in range(len(rows[0]))]
