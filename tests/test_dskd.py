@@ -13,9 +13,10 @@ from anomalib.data import ImageBatch
 from lightning.pytorch import Trainer
 
 from distillad.components import cosine_distance_map
+from distillad.components.distance import GaussianSmoothing
 from distillad.data import FolderLayout
+from distillad.models.base import held_out_normal_loaders
 from distillad.models.dskd import DSKD, GlobalContextCondensingBlock
-from distillad.models.dskd.lightning_model import standardization_loaders
 from distillad.models.dskd.loss import (
     DualStudentLoss,
     _affinity_divergence,
@@ -286,6 +287,7 @@ def test_score_map_is_the_gaussian_free_sum_of_standardised_student_maps() -> No
     model.students["local"].map_std.fill_(2.0)
     model.students["global"].map_mean.fill_(-1.0)
     model.students["global"].map_std.fill_(0.5)
+    model.standardized.fill_(True)
     images = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         output = model(images)
@@ -297,6 +299,13 @@ def test_score_map_is_the_gaussian_free_sum_of_standardised_student_maps() -> No
     expected = (summed[0] - 0.3) / 2.0 + (summed[1] + 1.0) / 0.5  # Eq. 8
     torch.testing.assert_close(output.anomaly_map, expected)
     torch.testing.assert_close(output.pred_score, expected.flatten(1).amax(1))
+
+    model.blur = GaussianSmoothing(4.0)  # the default width: the fused map is smoothed before the maximum
+    with torch.no_grad():
+        smoothed = model(images)
+    torch.testing.assert_close(smoothed.anomaly_map, model.blur(expected))
+    assert not torch.allclose(smoothed.anomaly_map, expected, atol=1e-3)
+    assert isinstance(tiny_dskd(pretrained=False).model.blur, GaussianSmoothing)
 
 
 # --- Eq. 8 standardisation ----------------------------------------------------------------------------
@@ -325,6 +334,66 @@ def test_standardisation_uses_normal_images_only() -> None:
     assert _stats(module) != pytest.approx(used, rel=1e-3)  # including the anomalous image would change them
 
 
+def test_standardisation_is_the_population_mean_and_std_of_the_summed_maps() -> None:
+    torch.manual_seed(0)
+    model = tiny_dskd().model.eval()
+    images = weld_images(3) if WELD_GOOD.is_dir() else torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        summed = model.summed_maps(*model._features(images), images.shape[-2:])
+    assert model.fit_standardization([images[:2], images[2:]]) == 3
+    for name, maps in summed.items():
+        values = maps.double().flatten()
+        student = model.students[name]
+        assert float(student.map_mean) == pytest.approx(float(values.mean()), rel=1e-5)
+        assert float(student.map_std) == pytest.approx(float(values.std(correction=0)), rel=1e-5)
+        assert float(student.map_std) != pytest.approx(float(values.var()), rel=1e-2)  # sigma, not sigma^2
+
+
+def test_unfitted_statistics_refuse_to_score_and_old_checkpoints_load_as_fitted() -> None:
+    model = tiny_dskd(pretrained=False).model.eval()
+    images = torch.rand(2, 3, 32, 32)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        model(images)
+    state = model.state_dict()
+    del state["standardized"]  # a checkpoint written before the flag existed
+    model.load_state_dict(state)
+    assert not model.standardized  # mu = 0 and sigma = 1: never fitted
+    state["students.global.map_std"] = torch.tensor(3.0)
+    model.load_state_dict(state)
+    assert model.standardized
+    model.fit_standardization([images])
+    assert model(images).anomaly_map.shape == (2, 1, 32, 32)
+
+
+def test_statistics_never_come_from_a_validation_split_taken_from_the_test_set(tmp_path: Path) -> None:
+    from anomalib.data.utils import ValSplitMode
+
+    datamodule = FolderLayout(_folder(tmp_path, 6), image_size=(32, 32), train_batch_size=4, val_split_ratio=0.34)
+    datamodule.setup()
+    for mode, sizes in ((ValSplitMode.FROM_TRAIN, [2, 4]), (ValSplitMode.SYNTHETIC, [2, 4]),
+                        (ValSplitMode.FROM_DIR, [2, 4]), (ValSplitMode.SAME_AS_TEST, [4]),
+                        (ValSplitMode.FROM_TEST, [4]), ("none", [4])):
+        datamodule.val_split_mode = mode
+        assert [len(loader.dataset) for loader in held_out_normal_loaders(datamodule)] == sizes, mode
+
+
+def test_resuming_a_finished_checkpoint_still_fits_the_statistics(tmp_path: Path) -> None:
+    datamodule = FolderLayout(_folder(tmp_path, 6), image_size=(32, 32), train_batch_size=4, val_split_ratio=0.34)
+    arguments = {"max_epochs": 1, "limit_val_batches": 0, "logger": False, "enable_progress_bar": False,
+                 "enable_model_summary": False, "default_root_dir": tmp_path}
+    module = tiny_dskd()
+    trainer = Trainer(**arguments, **module.trainer_arguments)
+    trainer.fit(module, datamodule=datamodule)
+    fitted = _stats(module)
+    (checkpoint,) = (tmp_path / "checkpoints").glob("*.ckpt")  # written at the epoch's end, before on_fit_end
+    assert not torch.load(checkpoint, weights_only=False)["state_dict"]["model.standardized"]
+
+    resumed = tiny_dskd()
+    Trainer(**arguments, **resumed.trainer_arguments).fit(resumed, datamodule=datamodule, ckpt_path=checkpoint)
+    assert bool(resumed.model.standardized)
+    assert _stats(resumed) == pytest.approx(fitted, rel=1e-5)
+
+
 def test_standardisation_falls_back_to_training_images_without_normal_validation_images() -> None:
     module = tiny_dskd(pretrained=False)
     anomalous_only = [ImageBatch(image=torch.rand(2, 3, 32, 32), gt_label=torch.tensor([1, 1]))]
@@ -348,11 +417,11 @@ def test_training_end_fits_statistics_on_the_validation_split(tmp_path: Path) ->
     folder = _folder(tmp_path, 6)
     datamodule = FolderLayout(folder, image_size=(32, 32), train_batch_size=4, val_split_ratio=0.34)
     datamodule.setup()
-    loaders = standardization_loaders(datamodule)
+    loaders = held_out_normal_loaders(datamodule)
     assert len(loaders) == 2 and len(loaders[0].dataset) == 2 and len(loaders[1].dataset) == 4
     no_val = FolderLayout(folder, image_size=(32, 32), val_split_ratio=0)
     no_val.setup()
-    assert [len(loader.dataset) for loader in standardization_loaders(no_val)] == [6]
+    assert [len(loader.dataset) for loader in held_out_normal_loaders(no_val)] == [6]
 
     module = tiny_dskd()
     trainer = Trainer(max_epochs=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
@@ -366,6 +435,26 @@ def test_training_end_fits_statistics_on_the_validation_split(tmp_path: Path) ->
 
 
 # --- training -----------------------------------------------------------------------------------------
+
+
+def test_training_step_uses_the_model_temperature_and_trains_every_student_parameter() -> None:
+    torch.manual_seed(0)
+    module = tiny_dskd(pretrained=False, temperature=2.0)
+    module.model.train()
+    images = torch.rand(2, 3, 32, 32)
+    teacher, students = module.model(images)
+    loss = module.loss(teacher, students)
+    with torch.no_grad():
+        local = sum(cosine_distance_map(t, s).mean() for t, s in zip(teacher, students["local"], strict=True))
+        glob = [sum(contextual_affinity_map(t, s, temperature=value).mean()
+                    for t, s in zip(teacher, students["global"], strict=True)) for value in (2.0, 1.0)]
+    torch.testing.assert_close(loss.detach(), local + glob[0])  # Eq. 7 at the model's T, plus Eq. 2
+    assert abs(float(glob[0] - glob[1])) > 1e-3 * float(glob[0])
+    loss.backward()
+    for name, student in module.model.students.items():
+        missing = [key for key, parameter in student.named_parameters() if parameter.grad is None]
+        assert not missing, f"{name} student parameters without gradient: {missing}"
+        assert sum(float(parameter.grad.abs().sum()) for parameter in student.parameters()) > 0
 
 
 @needs_weld
@@ -398,3 +487,33 @@ def test_fit_on_weld_subset_writes_metrics_and_saves_statistics(fit_weld_subset)
     loaded, _ = load_model(run_dir)
     stats = _stats(loaded)  # Eq. 8 statistics were fitted and saved in the checkpoint
     assert len(stats) == 4 and all(std > 0 for std in stats[1::2]) and stats != [0.0, 1.0, 0.0, 1.0]
+
+
+@pytest.mark.slow
+def test_engine_on_mvtecad_fits_statistics_on_training_images_and_thresholds_on_their_scale(
+        shared_data: Path, tmp_path: Path) -> None:
+    from anomalib.data import MVTecAD
+    from anomalib.engine import Engine
+    from anomalib.metrics import F1AdaptiveThreshold
+    from lightning.pytorch import seed_everything
+    from torchvision.transforms.v2 import Resize
+
+    seed_everything(0, verbose=False)
+    # anomalib's default validation split is the test set (same_as_test): 128 weld test images
+    datamodule = MVTecAD(shared_data, "weld", train_batch_size=8, eval_batch_size=32, num_workers=0,
+                         augmentations=Resize((32, 32)))
+    module = DSKD(image_size=(32, 32), evaluator=False, visualizer=False)
+    engine = Engine(max_epochs=1, limit_train_batches=1, default_root_dir=tmp_path, logger=False,
+                    enable_progress_bar=False, enable_model_summary=False)
+    engine.fit(module, datamodule=datamodule)
+    fitted = _stats(module)
+    assert module.fit_standardization([datamodule.train_dataloader()]) == 37
+    assert _stats(module) == pytest.approx(fitted, rel=1e-5)
+
+    # anomalib's threshold (fitted on validation during fit) is on the scale of the final, standardised scores
+    module.model.eval()
+    threshold = F1AdaptiveThreshold(fields=["pred_score", "gt_label"])
+    with torch.no_grad():
+        for batch in datamodule.val_dataloader():
+            threshold.update(batch.update(pred_score=module.model(module.model_inputs(batch.image)).pred_score))
+    assert float(module.post_processor.image_threshold) == pytest.approx(float(threshold.compute()), rel=1e-4)

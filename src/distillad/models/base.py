@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import inspect
+import logging
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from anomalib import LearningType
-from anomalib.data import Batch
+from anomalib.data import AnomalibDataModule, Batch
+from anomalib.data.utils import ValSplitMode
 from anomalib.metrics import AUPRO, Evaluator
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
@@ -105,6 +108,15 @@ class DistillationModule:
         else:
             bare.step()
 
+    def on_fit_start(self) -> None:
+        """Warn when validation (where anomalib fits its threshold) is the test set, as anomalib's ``MVTecAD``
+        makes it by default."""
+        if validation_sees_test_images(self.trainer.datamodule) and self.trainer.limit_val_batches != 0:
+            logging.getLogger(__name__).warning(
+                "the datamodule's validation split is taken from its test split (val_split_mode=%s): anomalib's "
+                "threshold would be fitted on test images; pass val_split_mode='from_train'",
+                ValSplitMode(self.trainer.datamodule.val_split_mode).value)
+
     @property
     def trainer_arguments(self) -> dict[str, Any]:
         return {"gradient_clip_val": 0, "num_sanity_val_steps": 0}
@@ -112,6 +124,33 @@ class DistillationModule:
     @property
     def learning_type(self) -> LearningType:
         return LearningType.ONE_CLASS
+
+
+# Validation splits holding no test image: held out from train/good, synthetic anomalies on training images, or a
+# folder of its own (MVTec LOCO's validation/good). anomalib's MVTecAD makes validation the test set by default
+# (same_as_test) and Folder moves test images into it (from_test).
+TRAINING_VALIDATION_SPLITS = (ValSplitMode.FROM_TRAIN, ValSplitMode.SYNTHETIC, ValSplitMode.FROM_DIR)
+
+
+def validation_sees_test_images(datamodule: AnomalibDataModule | None) -> bool:
+    """Whether ``datamodule``'s validation split is (part of) its test split."""
+    mode = getattr(datamodule, "val_split_mode", ValSplitMode.NONE)
+    return ValSplitMode(mode) in (ValSplitMode.SAME_AS_TEST, ValSplitMode.FROM_TEST)
+
+
+def held_out_normal_loaders(datamodule: AnomalibDataModule) -> list[Iterable[Batch]]:
+    """Loaders a model may fit score statistics on, in order of preference: validation, then training images.
+
+    The validation loader is used only when its split holds no test image (:data:`TRAINING_VALIDATION_SPLITS`);
+    the training loader is always the fallback. Callers keep only normal samples (``gt_label == 0``).
+    """
+    loaders = []
+    val_data = getattr(datamodule, "val_data", None)
+    mode = ValSplitMode(getattr(datamodule, "val_split_mode", ValSplitMode.NONE))
+    if mode in TRAINING_VALIDATION_SPLITS and val_data is not None and len(val_data) > 0:
+        loaders.append(datamodule.val_dataloader())
+    loaders.append(datamodule.train_dataloader())
+    return loaders
 
 
 def average_gradients(parameters: list[nn.Parameter]) -> None:

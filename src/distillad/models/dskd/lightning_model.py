@@ -6,31 +6,18 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
-from anomalib.data import AnomalibDataModule, Batch
+from anomalib.data import Batch
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
 from anomalib.visualization import Visualizer
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn, optim
 
-from distillad.models.base import DistillationModule
+from distillad.models.base import DistillationModule, held_out_normal_loaders
 from distillad.models.dskd.loss import LOSS_TYPES, DualStudentLoss
 from distillad.models.dskd.torch_model import DSKDModel
-
-
-def standardization_loaders(datamodule: AnomalibDataModule) -> list[Iterable[Batch]]:
-    """Where Eq. 8's statistics come from: the validation split when there is one, then the training images.
-
-    The validation loader comes first (held-out images, S^v in the paper); the training loader (S^t) is
-    the fallback used when the validation split is missing or holds no normal image.
-    """
-    loaders = []
-    val_data = getattr(datamodule, "val_data", None)
-    if val_data is not None and len(val_data) > 0:
-        loaders.append(datamodule.val_dataloader())
-    loaders.append(datamodule.train_dataloader())
-    return loaders
 
 
 class DSKD(DistillationModule, AnomalibModule):
@@ -49,11 +36,14 @@ class DSKD(DistillationModule, AnomalibModule):
     ``None`` (student off) reproduce Tables 4-5; ``gccb`` and ``gccb_channels`` Table 6; ``temperature``
     Fig. 6.
 
-    Eq. 8's statistics are computed at the end of training (:meth:`on_train_end`) from the normal images
-    of the trainer's datamodule, validation split first, training images otherwise
-    (:func:`standardization_loaders`); images labelled anomalous are skipped. They live in buffers and
-    are saved in checkpoints. A model trained without a datamodule (plain dataloaders) uses the training
-    dataloader.
+    Eq. 8's statistics are fitted at the end of every ``Trainer.fit`` (:meth:`on_fit_end`, reached also when a
+    resumed checkpoint had nothing left to train) and before each validation epoch during fit (so the threshold
+    anomalib fits on validation scores is on the scale that is scored). They come from normal images that are
+    never tested: the datamodule's validation split when it was held out from the training images, the
+    training images otherwise (:func:`~distillad.models.base.held_out_normal_loaders`; anomalib's ``MVTecAD``
+    makes validation the test set, which is never used); images labelled anomalous are skipped. A model trained
+    without a datamodule (plain dataloaders) uses the training dataloader. They live in buffers, are saved in
+    checkpoints, and the model refuses to score until they are fitted.
 
     Choices where the paper is silent, and deviations (with the reason):
 
@@ -167,8 +157,15 @@ class DSKD(DistillationModule, AnomalibModule):
         finally:
             self.model.train(was_training)
 
-    def on_train_end(self) -> None:
-        """Compute Eq. 8's standardisation statistics once the students are trained."""
+    def fit_standardization_from_trainer(self) -> int:
+        """Fit Eq. 8's statistics on the held-out normal images of the trainer's data (see the class docstring)."""
         datamodule = self.trainer.datamodule
-        loaders = standardization_loaders(datamodule) if datamodule is not None else [self.trainer.train_dataloader]
-        self.fit_standardization(loaders)
+        return self.fit_standardization(held_out_normal_loaders(datamodule) if datamodule is not None
+                                        else [self.trainer.train_dataloader])
+
+    def on_validation_epoch_start(self) -> None:
+        if self.trainer.state.fn == TrainerFn.FITTING:
+            self.fit_standardization_from_trainer()
+
+    def on_fit_end(self) -> None:
+        self.fit_standardization_from_trainer()

@@ -138,6 +138,7 @@ class DSKDModel(nn.Module):
         self.chunk_rows = chunk_rows
         self.blur = gaussian_smoothing(sigma)
         self.teacher_cache = FrozenFeatureCache()  # training images repeat every epoch; not in the state dict
+        self.register_buffer("standardized", torch.tensor(False))  # set by fit_standardization, saved with mu/sigma
         channels_last(self)
 
     def train(self, mode: bool = True) -> DSKDModel:
@@ -188,7 +189,18 @@ class DSKDModel(nn.Module):
             std = (squares / pixels - mean.square()).clamp_min(0).sqrt().clamp_min(1e-12)
             self.students[name].map_mean.fill_(float(mean))
             self.students[name].map_std.fill_(float(std))
+        self.standardized.fill_(True)
         return count
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        # Checkpoints written before the flag existed: fitted statistics are the ones that moved from 0 and 1.
+        if prefix + "standardized" not in state_dict:
+            stats = [state_dict.get(f"{prefix}students.{name}.{key}") for name in self.students
+                     for key in ("map_mean", "map_std")]
+            if all(stat is not None for stat in stats):
+                state_dict[prefix + "standardized"] = torch.tensor(any(
+                    float(stat) != default for stat, default in zip(stats, (0.0, 1.0) * len(self.students))))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(
         self, images: torch.Tensor,
@@ -197,6 +209,12 @@ class DSKDModel(nn.Module):
         teacher, students = self._features(images)
         if self.training:
             return teacher, students
+        tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
+        if not tracing and not self.standardized:
+            msg = ("DSKD's Eq. 8 statistics (mu, sigma) are not fitted, so its scores would be on no common scale; "
+                   "train it with a Lightning Trainer (they are fitted at the end of fit) or call fit_standardization "
+                   "with normal images")
+            raise RuntimeError(msg)
         summed = self.summed_maps(teacher, students, images.shape[-2:])
         fused = sum((summed[name] - self.students[name].map_mean) / self.students[name].map_std for name in summed)
         anomaly_map = self.blur(fused)
