@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,9 +18,14 @@ from torch.utils.data import DataLoader
 
 from distillad.models.aand import AAND, ResidualAnomalyAmplification, residual_intensity
 from distillad.models.aand.lightning_model import stage1_epoch_count
-from distillad.models.aand.loss import AnomalyAmplificationLoss, NormalityDistillationLoss
-from distillad.models.aand.torch_model import downsample_mask, position_encoding
-from distillad.synthesis import AnomalySynthesizer
+from distillad.models.aand.loss import (
+    AmplificationStageLoss,
+    AnomalyAmplificationLoss,
+    BinaryFocalLoss,
+    NormalityDistillationLoss,
+)
+from distillad.models.aand.torch_model import MatchingResidualGate, downsample_mask, position_encoding
+from distillad.synthesis import AnomalySynthesizer, SynthesisResult, texture_or_object
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 WELD_GOOD = SHARED_DATA / "weld" / "train" / "good"
@@ -166,6 +172,100 @@ def test_amplification_pushes_anomalous_features_away_from_normal_ones() -> None
     assert len(intensity.levels) == 3 and intensity.normal >= 0 and intensity.anomalous >= 0
 
 
+def test_binary_focal_loss_matches_hand_computation() -> None:
+    probability = torch.tensor([0.9, 0.3, 0.6, 0.05])
+    target = torch.tensor([1, 0, 1, 0])
+    terms = [-0.8 * 0.1**2 * math.log(0.9), -0.2 * 0.3**2 * math.log(0.7), -0.8 * 0.4**2 * math.log(0.6),
+             -0.2 * 0.05**2 * math.log(0.95)]  # a = 0.8, g = 2 (the authors' code)
+    assert BinaryFocalLoss()(probability, target).item() == pytest.approx(sum(terms) / 4, rel=1e-5)
+    saturated = BinaryFocalLoss()(torch.tensor([1.0, 0.0]), torch.tensor([0, 1]))  # clamped: finite, large
+    assert math.isfinite(saturated.item()) and saturated.item() > 1
+    assert BinaryFocalLoss(alpha=0.5, gamma=0)(probability[:2], target[:2]).item() == pytest.approx(
+        (-0.5 * math.log(0.9) - 0.5 * math.log(0.7)) / 2, rel=1e-5)  # gamma 0: weighted cross-entropy
+    gate = torch.tensor([0.9, 0.3]).view(1, 1, 1, 2)
+    mask = torch.tensor([True, False]).view(1, 1, 1, 2)
+    _, parts = AmplificationStageLoss()([torch.ones(1, 2, 1, 2)], [torch.ones(1, 2, 1, 2)], [gate], [mask])
+    assert parts["focal"].item() == pytest.approx(sum(terms[:2]) / 2, rel=1e-4)  # L_1 uses a = 0.8, g = 2
+
+
+class _FixedSynthesis:
+    """Stands in for the synthesizer: always the same anomalous images and mask."""
+
+    def __init__(self, result: SynthesisResult) -> None:
+        self.result = result
+
+    def __call__(self, images: torch.Tensor, keys: list[str] | None = None) -> SynthesisResult:
+        del images, keys
+        return self.result
+
+
+def test_stage_one_loss_is_eq_9_on_the_anomalous_images_with_ground_truth_weights() -> None:
+    torch.manual_seed(0)
+    module = tiny_aand(pretrained=False, memory_items=4)
+    normal = torch.rand(2, 3, 64, 64)
+    mask = torch.zeros(2, 1, 64, 64)
+    mask[:, :, 8:40, 16:48] = 1
+    anomalous = torch.where(mask.bool(), torch.rand(2, 3, 64, 64), normal)
+    module._synthesizer = _FixedSynthesis(SynthesisResult(normal, anomalous, mask))
+    loss, parts = module.amplification_step_loss(ImageBatch(image=normal, image_path=["a.png", "b.png"]))
+
+    with torch.no_grad():
+        vanilla = module.model.encoder(anomalous)[:3]  # stage 1 amplifies the synthesised image's features
+        masks = [downsample_mask(mask, f.shape[-2:]) for f in vanilla]
+        amplified = [v + m.float() * raa.generator(v) for v, m, raa in zip(vanilla, masks, module.model.raa,
+                                                                          strict=True)]  # Eq. 6
+        gates = [raa.gate(v) for v, raa in zip(vanilla, module.model.raa, strict=True)]
+        focal = sum(BinaryFocalLoss()(g, m) for g, m in zip(gates, masks, strict=True))
+        amplification = AnomalyAmplificationLoss(0.3)(vanilla, amplified, masks)
+    assert parts["focal"].item() == pytest.approx(focal.item(), rel=1e-5)
+    assert parts["amplification"].item() == pytest.approx(amplification.item(), rel=1e-5, abs=1e-6)
+    assert loss.item() == pytest.approx((focal + amplification).item(), rel=1e-5)
+
+
+def test_the_advanced_teacher_gates_its_residual_with_the_predicted_weights() -> None:
+    torch.manual_seed(0)
+    model = tiny_aand(pretrained=False).model.eval()
+    images = torch.rand(2, 3, 64, 64)
+    features = model.encode(images)
+    outputs = model.amplify(features)
+    for output, vanilla in zip(outputs, features, strict=True):
+        torch.testing.assert_close(output.amplified, vanilla + output.gate * output.residual)  # Eq. 1
+        assert 0.05 < float(output.gate.mean()) < 0.95  # a real gate, neither 0 nor 1 everywhere
+    model.train()
+    advanced, _ = model(images)  # stage 2 distils the gated features
+    for level, output in zip(advanced, outputs, strict=True):
+        torch.testing.assert_close(level, output.amplified)
+
+
+def test_mrg_temperature_defaults_to_0_2_and_reaches_every_gate() -> None:
+    assert [raa.gate.temperature for raa in tiny_aand(pretrained=False).model.raa] == [0.2] * 3
+    assert [raa.gate.temperature for raa in tiny_aand(pretrained=False, temperature=0.5).model.raa] == [0.5] * 3
+    torch.manual_seed(0)
+    gate = MatchingResidualGate(channels=8, memory_items=4)
+    features = torch.rand(1, 8, 3, 5)
+    query = F.normalize(gate.query(features + position_encoding(8, 3, 5, features)), dim=1)
+    memory = F.normalize(torch.cat([gate.normal_memory, gate.anomaly_memory]), dim=1)
+    logits = torch.einsum("bchw,mc->bmhw", query, memory)
+    torch.testing.assert_close(gate(features), torch.softmax(logits / 0.2, dim=1)[:, 4:].sum(1, keepdim=True))
+    assert not torch.allclose(gate(features), torch.softmax(logits, dim=1)[:, 4:].sum(1, keepdim=True), atol=1e-3)
+
+
+def test_teacher_stays_in_eval_mode_and_unchanged_while_training() -> None:
+    model = tiny_aand().model
+    images = torch.rand(4, 3, 64, 64)
+    model.eval()
+    reference = model.encode(images)
+    statistics = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    model.train()
+    assert not model.encoder.training and all(not m.training for m in model.encoder.modules())
+    assert not any(p.requires_grad for p in model.encoder.parameters())
+    training = model.encode(images * 0.5 + 0.25)  # another batch: BatchNorm in train mode would use and move stats
+    training = model.encode(images)
+    for level, expected in zip(training, reference, strict=True):
+        torch.testing.assert_close(level, expected)
+    assert all(torch.equal(v, statistics[k]) for k, v in model.encoder.state_dict().items())
+
+
 # --- schedule and switches --------------------------------------------------------------------------------
 
 
@@ -181,6 +281,80 @@ def test_amplification_pushes_anomalous_features_away_from_normal_ones() -> None
 ])
 def test_stage_boundary(max_epochs: int | None, first: int, second: int, expected: int) -> None:
     assert stage1_epoch_count(max_epochs, first, second) == expected
+
+
+def test_schedules_that_leave_a_stage_empty_are_refused_and_budgets_reported() -> None:
+    model = tiny_aand(pretrained=False)
+    for max_epochs, max_steps in ((1, -1), (-1, 1)):
+        with pytest.raises(ValueError, match="at least 2"):
+            model.check_schedule(max_epochs, max_steps)
+    model.check_schedule(2, -1)
+    tiny_aand(pretrained=False, stage1_epochs=0).check_schedule(1, -1)  # Table V (d): no amplification stage
+    assert model.stage_budgets(220, -1) == {"stage1_epochs": 100, "stage2_epochs": 120}
+    assert model.stage_budgets(10, -1) == {"stage1_epochs": 5, "stage2_epochs": 5}
+    assert model.stage_budgets(-1, 22) == {"stage1_steps": 10, "stage2_steps": 12}
+    assert model.stage_budgets(None, -1) == {"stage1_epochs": 100, "stage2_epochs": 120}
+    with pytest.raises(ValueError, match="student untrained"):
+        tiny_aand(pretrained=False, stage2_epochs=0)
+    with pytest.raises(ValueError, match="foreground"):
+        tiny_aand(pretrained=False, foreground="otsu")
+
+
+def test_one_epoch_fit_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    from distillad.errors import DistilladError
+    from distillad.pipeline import RunConfig, fit
+
+    good = tmp_path / "good"
+    good.mkdir()
+    for index in range(2):
+        cv2.imwrite(str(good / f"{index}.png"), np.full((32, 32, 3), 100 + index, np.uint8))
+    config = RunConfig(model="aand", model_options={}, data={"kind": "folder", "normal_dir": str(good)},
+                       image_size=32, epochs=1, pretrained=False)
+    with pytest.raises(DistilladError, match="at least 2 epochs"):
+        fit(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+def _texture_and_object() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    texture = cv2.GaussianBlur(np.clip(rng.normal(128, 30, (128, 128, 3)), 0, 255).astype(np.uint8), (0, 0), 3)
+    scene = np.full((128, 128, 3), 40, np.uint8)
+    cv2.circle(scene, (64, 64), 35, (200, 180, 160), -1)
+    scene = np.clip(scene + rng.normal(0, 10, scene.shape), 0, 255).astype(np.uint8)
+    return texture, scene
+
+
+def test_auto_foreground_takes_the_whole_image_for_textures_and_a_threshold_for_objects() -> None:
+    from distillad.synthesis import otsu_separability, texture_or_object
+
+    texture, scene = _texture_and_object()
+    assert otsu_separability(texture) == pytest.approx(2 / math.pi, abs=0.05)  # a unimodal (Gaussian) histogram
+    assert otsu_separability(scene) > 0.95
+    assert otsu_separability(np.zeros((8, 8, 3), np.uint8)) == 0.0
+    assert texture_or_object([texture, texture, scene])[0] == "none"  # the median decides
+    assert texture_or_object([scene, scene, texture])[0] == "threshold"
+
+    model = tiny_aand(pretrained=False)
+    batch = ImageBatch(image=torch.from_numpy(np.stack([texture, texture])).permute(0, 3, 1, 2).float() / 255,
+                       image_path=["a.png", "b.png"])
+    model.synthesizer_for(batch.image)
+    assert model.foreground_choice[0] == "none"
+    assert model.synthesizer_for(batch.image).foregrounds.mode == "none"
+    assert tiny_aand(pretrained=False, foreground="grabcut").resolve_foreground([texture]) == ("grabcut", None)
+
+
+@pytest.mark.parametrize(("category", "mode"), [("mtd", "none"), ("weld", "threshold")])
+def test_auto_foreground_on_real_categories(shared_data: Path, category: str, mode: str) -> None:
+    from distillad.data import MVTecLayout
+    from distillad.models.aand.lightning_model import sample_images
+
+    datamodule = MVTecLayout(shared_data, category, image_size=(128, 128), train_limit=32)
+    datamodule.setup()
+    images = sample_images(datamodule.train_data)
+    assert len(images) == 16
+    assert tiny_aand(pretrained=False).training_report(datamodule, 10, -1) == {
+        "stage1_epochs": 5, "stage2_epochs": 5, "foreground": mode,
+        "foreground_separability": pytest.approx(texture_or_object(images)[1], abs=1e-4)}
 
 
 def test_ablation_switches() -> None:
@@ -256,3 +430,4 @@ def test_two_stage_fit_on_weld_subset(fit_weld_subset) -> None:
     with next(run_dir.glob("logs/*/metrics.csv")).open() as handle:
         stages = [float(row["stage"]) for row in csv.DictReader(handle) if row.get("stage")]
     assert stages == [1.0, 2.0]  # 2 epochs with the paper's 100:120 split -> one epoch per stage
+    assert (written["stage1_epochs"], written["stage2_epochs"], written["foreground"]) == (1, 1, "threshold")

@@ -347,6 +347,11 @@ def fit(config: RunConfig, run_dir: Path, resume: bool = False, train_limit: int
     datamodule = build_datamodule(config, train_limit, test_limit)
     datamodule.setup()
     model = build_model(config)
+    schedule = (config.epochs, config.max_steps or -1)
+    try:
+        model.check_schedule(*schedule)
+    except ValueError as error:
+        raise DistilladError(f"invalid schedule for model '{config.model}': {error}") from error
     config.save(run_dir)
     last = run_dir / "checkpoints" / "last.ckpt"
     clock = TrainingClock(run_dir / "training.json")
@@ -364,6 +369,7 @@ def fit(config: RunConfig, run_dir: Path, resume: bool = False, train_limit: int
     config.threshold_source = "held-out normal images" if has_val else "training images (no held-out split)"
     config.save(run_dir)
     metrics = test(run_dir, model=model, config=config, datamodule=datamodule, heatmaps=heatmaps)
+    metrics.update(model.training_report(datamodule, *schedule))
     if trained.get("steps"):  # else keep what an earlier, interrupted process measured (in metrics.json, if any)
         metrics["train_seconds"] = trained["seconds"]
         metrics["train_steps"] = trained["total_steps"]

@@ -108,6 +108,16 @@ class DistillationModule:
         else:
             bare.step()
 
+    def check_schedule(self, max_epochs: int | None, max_steps: int) -> None:
+        """Raise ``ValueError`` for a trainer schedule (``max_epochs``, ``max_steps``; -1 = unset) this model
+        cannot train sensibly; called before training by the pipeline and at fit start."""
+        del max_epochs, max_steps
+
+    def training_report(self, datamodule: AnomalibDataModule, max_epochs: int | None, max_steps: int) -> dict:
+        """What the model wants written beside the metrics about its training (schedule parts, choices made)."""
+        del datamodule, max_epochs, max_steps
+        return {}
+
     def on_fit_start(self) -> None:
         """Warn when validation (where anomalib fits its threshold) is the test set, as anomalib's ``MVTecAD``
         makes it by default."""

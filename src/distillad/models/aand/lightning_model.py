@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
@@ -16,7 +18,22 @@ from torch import nn, optim
 from distillad.models.aand.loss import AmplificationStageLoss, NormalityDistillationLoss
 from distillad.models.aand.torch_model import AANDModel, downsample_mask
 from distillad.models.base import DistillationModule
-from distillad.synthesis import AnomalySynthesizer
+from distillad.synthesis import FOREGROUND_MODES, AnomalySynthesizer, texture_or_object, to_uint8_rgb
+from distillad.synthesis.foreground import AUTO_SAMPLE_IMAGES
+
+
+def sample_images(dataset: Any, count: int = AUTO_SAMPLE_IMAGES) -> list[np.ndarray]:
+    """Up to ``count`` images of ``dataset`` (anomalib items or batches, or anything with an ``image``), spread
+    evenly over it, as uint8 RGB arrays; empty when ``dataset`` cannot be indexed."""
+    try:
+        size = len(dataset)
+    except TypeError:
+        return []
+    images: list[np.ndarray] = []
+    for index in np.unique(np.linspace(0, size - 1, min(count, size)).round().astype(int)) if size else []:
+        image = dataset[int(index)].image
+        images.extend(to_uint8_rgb(item) for item in (image if image.ndim == 4 else [image]))
+    return images[:count]
 
 
 def stage1_epoch_count(max_epochs: int | None, stage1_epochs: int, stage2_epochs: int) -> int:
@@ -33,8 +50,11 @@ class AAND(DistillationModule, AnomalibModule):
     """Anomaly Amplification and Normality Distillation (Tang et al.), for any timm encoder.
 
     Stage 1, anomaly amplification (Sec. III-B, Algorithm 1 lines 2-8): the training images get DRAEM
-    pseudo-anomalies inside a grayscale-threshold foreground (:class:`~distillad.synthesis.AnomalySynthesizer`
-    with ``foreground="threshold"``); only the RAA modules train, with L_1 = L_focal + L_A (Eq. 9), the
+    pseudo-anomalies inside a foreground (:class:`~distillad.synthesis.AnomalySynthesizer`): by default
+    (``foreground="auto"``) a grayscale-threshold foreground for objects on a background and the whole image for
+    textures, decided once per category from 16 training images (:func:`~distillad.synthesis.texture_or_object`;
+    the authors choose per category by hand, threshold 0 = the whole image for textures); only the RAA modules
+    train, with L_1 = L_focal + L_A (Eq. 9), the
     ground-truth anomaly weights standing in for the gate inside F_A (Eq. 6).
     Stage 2, normality distillation (Sec. III-C, lines 9-14): on the plain normal images, the OCBE
     bottleneck and the student decoder learn the fixed advanced teacher's features (predicted gate) with
@@ -45,7 +65,9 @@ class AAND(DistillationModule, AnomalibModule):
     the right stage. When ``max_epochs`` equals their sum (the ``paper`` preset: 220) the stages run exactly
     as given; otherwise stage 1 takes ``round(max_epochs * stage1 / (stage1 + stage2))`` epochs, clamped so
     that each stage with a non-zero share gets at least one epoch when ``max_epochs >= 2`` (``--epochs 10``
-    -> 5 + 5; ``--epochs 1`` -> stage 2 only, the RAA modules keep their initialisation). An unbounded
+    -> 5 + 5). A schedule that leaves a stage with a share empty is refused (:meth:`check_schedule`): one epoch
+    would distil from an untrained amplifier, ``stage2_epochs=0`` would leave the student untrained unless
+    ``score="mrg"``. ``metrics.json`` reports each stage's budget (:meth:`training_report`). An unbounded
     trainer (``max_epochs`` None or -1) switches after exactly ``stage1_epochs``. ``stage1_epochs=0``
     builds no RAA modules: the vanilla teacher, i.e. RD with the AAND loss (Table V base / (d)).
     With a schedule in optimiser steps (the trainer's ``max_steps``, ``fit --max-steps``) the same rule splits the
@@ -82,7 +104,8 @@ class AAND(DistillationModule, AnomalibModule):
         score: ``distillation`` (Eq. 13-14) or ``mrg`` (Table V (a)).
         max_anomalous_patches: Anomalous patches per level sampled for L_A.
         max_normal_patches: Normal patches per level sampled for L_A.
-        foreground: Synthesis foreground (``threshold`` as in the paper; ``grabcut`` or ``none``).
+        foreground: Synthesis foreground: ``auto`` (texture -> ``none``, object -> ``threshold``, see above),
+            ``threshold``, ``grabcut`` or ``none``.
         texture_dir: Folder of anomaly textures (DTD in the paper); ``None`` uses the built-in source.
         anomaly_probability: Share of stage-1 images that receive a pseudo-anomaly.
         sigma: Gaussian smoothing of the anomaly map.
@@ -108,7 +131,7 @@ class AAND(DistillationModule, AnomalibModule):
         score: str = "distillation",
         max_anomalous_patches: int = 1000,
         max_normal_patches: int = 5000,
-        foreground: str = "threshold",
+        foreground: str = "auto",
         texture_dir: str | Path | None = None,
         anomaly_probability: float = 0.8,
         sigma: float = 4.0,
@@ -120,6 +143,12 @@ class AAND(DistillationModule, AnomalibModule):
         if stage1_epochs < 0 or stage2_epochs < 0 or stage1_epochs + stage2_epochs == 0:
             msg = f"stage1_epochs and stage2_epochs must be >= 0 and not both 0, got {stage1_epochs}, {stage2_epochs}"
             raise ValueError(msg)
+        if stage2_epochs == 0 and score != "mrg":
+            msg = "stage2_epochs=0 leaves the student untrained; pass score='mrg' (Table V (a)) or stage2_epochs > 0"
+            raise ValueError(msg)
+        if foreground != "auto" and foreground not in FOREGROUND_MODES:
+            msg = f"foreground must be 'auto' or one of {', '.join(sorted(FOREGROUND_MODES))}, got {foreground!r}"
+            raise ValueError(msg)
         self.init_anomalib_module(image_size, pre_processor, post_processor, evaluator, visualizer)
         self.automatic_optimization = False
         self.model = AANDModel(backbone, pretrained=pretrained, weights=weights, amplify=stage1_epochs > 0,
@@ -128,6 +157,7 @@ class AAND(DistillationModule, AnomalibModule):
         self.amplification_loss = AmplificationStageLoss(alpha, max_anomalous_patches, max_normal_patches)
         self.distillation_loss = NormalityDistillationLoss(hard_samples)
         self._synthesizer: AnomalySynthesizer | None = None
+        self.foreground_choice: tuple[str, float | None] | None = None  # resolved foreground, separability
 
     @property
     def stage(self) -> int:
@@ -137,15 +167,63 @@ class AAND(DistillationModule, AnomalibModule):
             return 1 if trainer.global_step < stage1_epoch_count(trainer.max_steps, *shares) else 2
         return 1 if self.current_epoch < stage1_epoch_count(trainer.max_epochs, *shares) else 2
 
-    @property
-    def synthesizer(self) -> AnomalySynthesizer:
-        """Pseudo-anomaly generator, built on first use (so loading a checkpoint needs no texture folder)."""
+    def resolve_foreground(self, images: list[np.ndarray]) -> tuple[str, float | None]:
+        """The synthesis foreground for this category: the option, or for ``auto`` the choice made on ``images``."""
+        if self.foreground_choice is None:
+            mode = self.hparams.foreground
+            self.foreground_choice = texture_or_object(images) if mode == "auto" else (mode, None)
+        return self.foreground_choice
+
+    def synthesizer_for(self, images: torch.Tensor) -> AnomalySynthesizer:
+        """Pseudo-anomaly generator, built on first use (so loading a checkpoint needs no texture folder); an
+        ``auto`` foreground not resolved from the training set yet is resolved on ``images``."""
         if self._synthesizer is None:
+            mode, _ = self.resolve_foreground([to_uint8_rgb(image) for image in images])
             self._synthesizer = AnomalySynthesizer(
-                foreground=self.hparams.foreground, texture_dir=self.hparams.texture_dir,
+                foreground=mode, texture_dir=self.hparams.texture_dir,
                 anomaly_probability=self.hparams.anomaly_probability, seed=torch.initial_seed(),
             )
         return self._synthesizer
+
+    def check_schedule(self, max_epochs: int | None, max_steps: int) -> None:
+        """Refuse a schedule that gives stage 1 no epoch (or step) although it has a share."""
+        budget = self.stage_budgets(max_epochs, max_steps)
+        unit = "steps" if max_steps > 0 else "epochs"
+        if self.hparams.stage1_epochs > 0 and budget[f"stage1_{unit}"] == 0:
+            msg = (f"AAND needs at least 2 {unit}: with {budget[f'stage2_{unit}']} the amplification stage gets none "
+                   f"and the student would distil from an untrained amplifier; train 2 or more {unit}, or pass "
+                   "stage1_epochs=0 (Table V (d))")
+            raise ValueError(msg)
+
+    def stage_budgets(self, max_epochs: int | None, max_steps: int) -> dict[str, int]:
+        """Epochs (or, with ``max_steps > 0``, optimiser steps) of each stage under the trainer's schedule."""
+        shares = (self.hparams.stage1_epochs, self.hparams.stage2_epochs)
+        unit, total = ("steps", max_steps) if max_steps > 0 else ("epochs", max_epochs)
+        first = stage1_epoch_count(total, *shares)
+        second = (total - first) if total is not None and total >= 0 else shares[1]
+        return {f"stage1_{unit}": first, f"stage2_{unit}": second}
+
+    def training_report(self, datamodule: Any, max_epochs: int | None, max_steps: int) -> dict[str, Any]:
+        """Per-stage budgets and the synthesis foreground, for ``metrics.json``."""
+        mode, separability = self.resolve_foreground(sample_images(getattr(datamodule, "train_data", None)))
+        report: dict[str, Any] = {**self.stage_budgets(max_epochs, max_steps), "foreground": mode}
+        if separability is not None:
+            report["foreground_separability"] = round(separability, 4)
+        return report
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self.check_schedule(self.trainer.max_epochs, self.trainer.max_steps)
+
+    def on_train_start(self) -> None:
+        """Resolve an ``auto`` foreground on the training set (its order, not the shuffled batches), so that a
+        resumed run chooses as the first did."""
+        datamodule = self.trainer.datamodule
+        dataset = datamodule.train_data if datamodule is not None else getattr(self.trainer.train_dataloader,
+                                                                                "dataset", None)
+        images = sample_images(dataset)
+        if images:
+            self.resolve_foreground(images)
 
     def configure_optimizers(self) -> list[optim.Optimizer]:
         """One Adam per stage: [RAA modules (stage 1),] bottleneck + decoder (stage 2)."""
@@ -158,7 +236,7 @@ class AAND(DistillationModule, AnomalibModule):
 
     def amplification_step_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """L_1 (Eq. 9) on pseudo-anomalies synthesised from the batch's normal images."""
-        synthesis = self.synthesizer(batch.image, keys=[str(path) for path in batch.image_path])
+        synthesis = self.synthesizer_for(batch.image)(batch.image, keys=[str(path) for path in batch.image_path])
         vanilla = self.model.encode(synthesis.anomalous)
         masks = [downsample_mask(synthesis.mask, features.shape[-2:]) for features in vanilla]
         weights = [mask.to(features.dtype) for mask, features in zip(masks, vanilla, strict=True)]
