@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -75,11 +76,33 @@ def test_aim_loss_matches_hand_computation_with_area_downsampled_mask() -> None:
 
 
 def test_segmentation_loss_matches_equation_5() -> None:
-    logits = torch.zeros(1, 1, 2, 2)
-    score = torch.tensor([0.5])
-    mask = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])
-    expected = 2 * torch.log(torch.tensor(2.0))  # BCE(0.5, .) = log 2 for the map and for the score
-    assert SegmentationLoss()(logits, score, mask).item() == pytest.approx(expected.item(), rel=1e-5)
+    probabilities = torch.tensor([[[[0.8, 0.1], [0.3, 0.6]]]])
+    logits = torch.log(probabilities / (1 - probabilities))
+    score = torch.tensor([0.7])
+    mask = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]])
+    # BCE(M, M^gt): mean of -log 0.8, -log 0.9, -log 0.7, -log 0.6; BCE(S, max M^gt = 1) = -log 0.7
+    expected = -(math.log(0.8) + math.log(0.9) + math.log(0.7) + math.log(0.6)) / 4 - math.log(0.7)
+    assert SegmentationLoss()(logits, score, mask).item() == pytest.approx(expected, rel=1e-5)
+    normal = SegmentationLoss()(logits, score, torch.zeros_like(mask))  # max M^gt = 0: BCE(S, 0) = -log 0.3
+    expected = -(math.log(0.2) + math.log(0.9) + math.log(0.7) + math.log(0.4)) / 4 - math.log(0.3)
+    assert normal.item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize(("branch", "inner", "outer", "unchanged"), [
+    ("normality", True, False, 3),  # Fig. 4: normality inner path top-down (the top level passes through)
+    ("normality", False, True, 0),  # normality outer path bottom-up (the bottom level passes through)
+    ("abnormality", True, False, 0),  # abnormality inner path bottom-up
+    ("abnormality", False, True, 3),  # abnormality outer path top-down
+])
+def test_pmn_path_directions_follow_figure_4(branch: str, inner: bool, outer: bool, unchanged: int) -> None:
+    model = make(pretrained=False, pmn_inner=inner, pmn_outer=outer).model
+    (path,) = model.pmn.paths[branch]
+    for conv in path.convs:
+        torch.nn.init.normal_(conv.weight, std=0.1)
+    features = [torch.randn(1, c, s, s) for c, s in zip(model.teacher.channels, (16, 8, 4, 2), strict=True)]
+    refined = model.pmn({branch: features})[branch]
+    changed = [not torch.allclose(a, b) for a, b in zip(refined, features, strict=True)]
+    assert changed == [index != unchanged for index in range(4)]
 
 
 def test_pmn_paths_change_outputs_only_when_switched_on() -> None:

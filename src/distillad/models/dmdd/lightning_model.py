@@ -34,7 +34,9 @@ class DMDD(DistillationModule, AnomalibModule):
 
     Each training step synthesises an anomalous twin I_a^n of every normal image I^n (DRAEM-style
     Perlin anomalies over the whole image) and updates the decoupled student and PMN with
-    L_NGM + L_AIM (Eq. 2 + Eq. 3, equal weights: the paper gives none). At the end of every epoch the
+    L_NGM + L_AIM (Eq. 2 + Eq. 3, unweighted: the paper gives no weights). Both are per normal/anomalous pair,
+    averaged over the batch: Eq. 2 sums the pair's two distances D^n + D^a, and Eq. 3, defined for one image
+    I^n or I_a^n, is summed over the pair's two images likewise. At the end of every epoch the
     teacher and student are frozen and the MSN is trained for one pass over the training images on
     normal / foreground-aware synthetic pairs with L_seg (Eq. 5).
 
@@ -116,9 +118,11 @@ class DMDD(DistillationModule, AnomalibModule):
         if "normality" in student:
             losses["ngm"] = self.ngm_loss([t[:batch] for t in teacher], [s[:batch] for s in student["normality"]],
                                           [s[batch:] for s in student["normality"]])
-        if "abnormality" in student:
-            pair_masks = torch.cat([torch.zeros_like(masks), masks])
-            losses["aim"] = self.aim_loss(teacher, student["abnormality"], pair_masks)
+        if "abnormality" in student:  # Eq. 3 holds per image: a pair contributes its normal and its anomalous image
+            losses["aim"] = (
+                self.aim_loss([t[:batch] for t in teacher], [s[:batch] for s in student["abnormality"]],
+                              torch.zeros_like(masks))
+                + self.aim_loss([t[batch:] for t in teacher], [s[batch:] for s in student["abnormality"]], masks))
         return losses
 
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:

@@ -10,9 +10,9 @@ from distillad.components import cosine_distance_map
 
 
 class NormalityGuidanceLoss(nn.Module):
-    """L_NGM (Eq. 2): mean over the 4 stages of the mean cosine distance (Eq. 1) from the student's
-    normality features on the normal image (D^n) and on its anomalous twin (D^a) to the teacher's
-    features of the normal image."""
+    """L_NGM (Eq. 2) per normal/anomalous pair, averaged over the batch: mean over the 4 stages of the summed
+    mean cosine distances (Eq. 1) from the student's normality features on the normal image (D^n) and on its
+    anomalous twin (D^a) to the teacher's features of the normal image."""
 
     def forward(self, teacher_normal: list[torch.Tensor], student_on_normal: list[torch.Tensor],
                 student_on_anomalous: list[torch.Tensor]) -> torch.Tensor:
@@ -22,9 +22,10 @@ class NormalityGuidanceLoss(nn.Module):
 
 
 class AbnormalityInverseMimickingLoss(nn.Module):
-    """L_AIM (Eq. 3): mean over stages of mean |M_i^AIM - M_i^gt|, where M_i^AIM is the cosine-distance
-    map between teacher and abnormality features of the same image (Eq. 4) and M_i^gt the anomaly
-    mask area-downsampled to the stage (fractional at anomaly edges). Normal images use a zero mask."""
+    """L_AIM (Eq. 3) per image, averaged over the batch: mean over stages of mean |M_i^AIM - M_i^gt|, where
+    M_i^AIM is the cosine-distance map between teacher and abnormality features of the same image (Eq. 4) and
+    M_i^gt the anomaly mask area-downsampled to the stage (fractional at anomaly edges). Normal images use a
+    zero mask. A normal/anomalous pair contributes both images' terms, as Eq. 2 does for L_NGM."""
 
     def forward(self, teacher: list[torch.Tensor], student_abnormality: list[torch.Tensor],
                 masks: torch.Tensor) -> torch.Tensor:
