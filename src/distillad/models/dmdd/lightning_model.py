@@ -102,8 +102,9 @@ class DMDD(DistillationModule, AnomalibModule):
 
     def configure_callbacks(self) -> list[Callback]:
         callbacks = super().configure_callbacks()
-        callbacks = list(callbacks) if isinstance(callbacks, list | tuple) else [callbacks]
-        return [*callbacks, SegmentationEpoch()] if self.model.msn is not None else callbacks
+        if self.model.msn is None:
+            return callbacks
+        return [*callbacks[:-1], SegmentationEpoch(), callbacks[-1]]  # the MSN epoch before the epoch's validation
 
     def distillation_losses(self, normal: torch.Tensor, anomalous: torch.Tensor,
                             masks: torch.Tensor) -> dict[str, torch.Tensor]:
