@@ -272,3 +272,18 @@ def test_forward_with_components_matches_forward_from_one_pass() -> None:
     assert torch.equal(output.anomaly_map, expected.anomaly_map) and torch.equal(output.pred_score, expected.pred_score)
     assert sorted(components) == [f"{p}_{i}" for p in ("aim", "ngm") for i in range(1, 5)]
     assert all(m.shape == (2, 1, SIZE, SIZE) for m in components.values())
+
+
+def test_fas_that_changes_nothing_is_reported_once(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    module = make(pretrained=False)
+    assert module.training_report(None, 1, -1) == {}  # nothing synthesised yet
+    frame_filling = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    module.fas_synthesizer(frame_filling, keys=["a.png", "b.png"])
+    with caplog.at_level(logging.WARNING):
+        module._report_fas_fallback()
+        module._report_fas_fallback()
+    assert [record.getMessage().startswith("FAS: GrabCut found no object in 100%") for record in caplog.records] == [True]
+    assert module.training_report(None, 1, -1) == {"fas_whole_image_share": 1.0}
+    assert make(pretrained=False, fas=False).training_report(None, 1, -1) == {}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from anomalib.data import Batch
@@ -41,6 +43,14 @@ class DMDD(DistillationModule, AnomalibModule):
     Switches (Tables 4 and 5): ``branches`` (``"both"``, ``"normality"``, ``"abnormality"``),
     ``pmn_inner``, ``pmn_outer``, ``msn``, ``fas`` (GrabCut foreground for MSN synthesis; off = whole
     image), ``pyramid_upsampling``, ``multi_perception``.
+
+    Synthesis. The paper introduces FAS for the segmentation network ("making the fusion network pay more
+    attention to the foreground areas", Sec. 3.4) and describes the student's pairs (Sec. 3.3) as plain synthetic
+    anomalies, so the student's twins cover the whole image and only the MSN's are restricted to the GrabCut
+    foreground. Textures come from ``texture_dir`` (DTD in the papers; pass it with ``--preset paper``) or the
+    built-in source, which never crops the image being corrupted. On images that fill the frame GrabCut finds
+    no object and FAS falls back to the whole image: the run warns and reports the share in ``metrics.json``
+    (``fas_whole_image_share``).
 
     Args:
         backbone: timm encoder (the paper: ``wide_resnet50_2``; default ``tf_efficientnet_lite0`` works offline).
@@ -90,6 +100,7 @@ class DMDD(DistillationModule, AnomalibModule):
         self.aim_loss = AbnormalityInverseMimickingLoss()
         self.segmentation_loss = SegmentationLoss()
         self.synthesizer = AnomalySynthesizer(foreground="none", texture_dir=texture_dir, seed=seed)
+        self._fas_reported = False
         self.fas_synthesizer = AnomalySynthesizer(foreground="grabcut" if fas else "none", texture_dir=texture_dir,
                                                   seed=seed + 1)
 
@@ -160,6 +171,22 @@ class DMDD(DistillationModule, AnomalibModule):
             self.optimize_outside_training_step(optimizer, loss)
             total, count = total + float(loss), count + 1
         self.model.train()  # keeps the teacher and the student's BatchNorm statistics frozen
+        self._report_fas_fallback()
         mean_loss = total / max(count, 1)
         self.log("train_seg_loss", mean_loss)
         return mean_loss
+
+    def _report_fas_fallback(self) -> None:
+        """Say once when FAS changes nothing: GrabCut finds no object on images that fill the frame."""
+        share = self.fas_synthesizer.foregrounds.whole_image_share()
+        if self.hparams.fas and share is not None and share > 0.5 and not self._fas_reported:
+            logging.getLogger(__name__).warning(
+                "FAS: GrabCut found no object in %.0f%% of the training images (they fill the frame), so their "
+                "MSN anomalies cover the whole image, as with fas=False", 100 * share)
+            self._fas_reported = True
+
+    def training_report(self, datamodule: Any, max_epochs: int | None, max_steps: int) -> dict[str, Any]:
+        """The share of training images where FAS fell back to the whole image (when this process trained)."""
+        del datamodule, max_epochs, max_steps
+        share = self.fas_synthesizer.foregrounds.whole_image_share() if self.hparams.fas else None
+        return {} if share is None else {"fas_whole_image_share": round(share, 4)}
