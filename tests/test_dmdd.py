@@ -39,9 +39,33 @@ def test_untrained_student_reproduces_teacher_so_ngm_distance_is_zero() -> None:
     model = make().model.eval()
     images = real_images(2)
     maps = model.distance_maps(images)
-    for branch_maps in maps.values():
-        for distance in branch_maps:
-            assert distance.abs().max() < 1e-4
+    for distance in maps["normality"]:
+        assert distance.abs().max() < 1e-4
+    for distance in maps["abnormality"]:  # off the teacher by the symmetry-breaking noise only
+        assert 1e-5 < distance.mean() < 0.05
+
+
+def test_aim_gradient_does_not_vanish_at_the_start() -> None:
+    """An exact copy of the teacher is the minimum of the cosine distance: AIM's gradient there is ~1e-8."""
+    module = make()
+    module.model.train()
+    normal, anomalous, masks = module.synthesizer(real_images(4))
+    module.distillation_losses(normal, anomalous, masks)["aim"].backward()
+    for conv, width in zip(module.model.student.decouple, module.model.teacher.channels, strict=True):
+        assert conv.weight.grad[width:].norm() > 1e-4  # the abnormality half
+
+
+def test_pretrained_stages_train_at_a_tenth_of_the_paper_learning_rate() -> None:
+    module = make()
+    stages, new_layers = module.configure_optimizers()[0].param_groups
+    assert (stages["lr"], new_layers["lr"]) == (pytest.approx(5e-4), 0.005)
+    assert {id(p) for p in stages["params"]} == {id(p) for p in module.model.student.stages.parameters()}
+    expected = {id(p) for p in [*module.model.student.decouple.parameters(), *module.model.pmn.parameters()]}
+    assert {id(p) for p in new_layers["params"]} == expected
+    paper = make(pretrained_lr_scale=1.0).configure_optimizers()[0].param_groups
+    assert [group["lr"] for group in paper] == [0.005, 0.005]
+    with pytest.raises(ValueError, match="pretrained_lr_scale"):
+        make(pretrained_lr_scale=-1)
 
 
 def test_student_batchnorm_keeps_teacher_statistics_in_train_mode() -> None:
@@ -123,9 +147,9 @@ def test_msn_outputs_probability_map_of_input_size_and_top100_score() -> None:
 
 def test_training_decreases_both_losses_on_real_images() -> None:
     """NGM falls from the start. AIM starts at the mask's mean area (an untrained student equals the teacher,
-    so every distance is 0): the first update perturbs normal regions too, then AIM falls while the
+    up to the small symmetry-breaking noise): the first update perturbs normal regions too, then AIM falls while the
     abnormality features move away from the teacher inside the anomaly, which is what AIM is for."""
-    module = make(lr=5e-4)
+    module = make()  # the default schedule: the paper's 0.005 on new layers, 0.0005 on the pretrained stages
     optimizer = module.configure_optimizers()[0]
     module.model.train()
     normal, anomalous, masks = module.synthesizer(real_images(8))
