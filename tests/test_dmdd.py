@@ -55,15 +55,15 @@ def test_aim_gradient_does_not_vanish_at_the_start() -> None:
         assert conv.weight.grad[width:].norm() > 1e-4  # the abnormality half
 
 
-def test_pretrained_stages_train_at_a_tenth_of_the_paper_learning_rate() -> None:
+def test_pretrained_stages_and_new_layers_are_separate_optimiser_groups() -> None:
     module = make()
     stages, new_layers = module.configure_optimizers()[0].param_groups
-    assert (stages["lr"], new_layers["lr"]) == (pytest.approx(5e-4), 0.005)
+    assert (stages["lr"], new_layers["lr"]) == (0.005, 0.005)  # the paper's single rate by default
     assert {id(p) for p in stages["params"]} == {id(p) for p in module.model.student.stages.parameters()}
     expected = {id(p) for p in [*module.model.student.decouple.parameters(), *module.model.pmn.parameters()]}
     assert {id(p) for p in new_layers["params"]} == expected
-    paper = make(pretrained_lr_scale=1.0).configure_optimizers()[0].param_groups
-    assert [group["lr"] for group in paper] == [0.005, 0.005]
+    gentle = make(pretrained_lr_scale=0.1).configure_optimizers()[0].param_groups
+    assert [group["lr"] for group in gentle] == [pytest.approx(5e-4), 0.005]
     with pytest.raises(ValueError, match="pretrained_lr_scale"):
         make(pretrained_lr_scale=-1)
 
@@ -146,10 +146,9 @@ def test_msn_outputs_probability_map_of_input_size_and_top100_score() -> None:
 
 
 def test_training_decreases_both_losses_on_real_images() -> None:
-    """NGM falls from the start. AIM starts at the mask's mean area (an untrained student equals the teacher,
-    up to the small symmetry-breaking noise): the first update perturbs normal regions too, then AIM falls while the
-    abnormality features move away from the teacher inside the anomaly, which is what AIM is for."""
-    module = make()  # the default schedule: the paper's 0.005 on new layers, 0.0005 on the pretrained stages
+    """At the paper's learning rate: after the first update (see below) NGM and AIM fall, while the abnormality
+    features move away from the teacher inside the anomaly, which is what AIM is for."""
+    module = make()  # the paper's learning rate
     optimizer = module.configure_optimizers()[0]
     module.model.train()
     normal, anomalous, masks = module.synthesizer(real_images(8))
@@ -168,8 +167,11 @@ def test_training_decreases_both_losses_on_real_images() -> None:
         sum(losses.values()).backward()
         optimizer.step()
         history.append({key: float(value) for key, value in losses.items()})
-    assert history[-1]["ngm"] < 0.7 * history[0]["ngm"], history
-    assert history[-1]["aim"] < 0.5 * history[1]["aim"], history
+    # At the paper's 0.005 Adam's first update throws the teacher-initialised student off its start (NGM 0.19 ->
+    # 1.09 here; DMDD's "Learning rate" docstring), and both losses fall from there.
+    assert history[1]["ngm"] > 2 * history[0]["ngm"], history
+    assert history[-1]["ngm"] < 0.6 * history[1]["ngm"], history
+    assert history[-1]["aim"] < 0.8 * history[1]["aim"], history
     assert distance_inside_anomaly(1) > inside_before + 0.02
 
 
