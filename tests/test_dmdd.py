@@ -40,9 +40,33 @@ def test_untrained_student_reproduces_teacher_so_ngm_distance_is_zero() -> None:
     model = make().model.eval()
     images = real_images(2)
     maps = model.distance_maps(images)
-    for branch_maps in maps.values():
-        for distance in branch_maps:
-            assert distance.abs().max() < 1e-4
+    for distance in maps["normality"]:
+        assert distance.abs().max() < 1e-4
+    for distance in maps["abnormality"]:  # off the teacher by the symmetry-breaking noise only
+        assert 1e-5 < distance.mean() < 0.05
+
+
+def test_aim_gradient_does_not_vanish_at_the_start() -> None:
+    """An exact copy of the teacher is the minimum of the cosine distance: AIM's gradient there is ~1e-8."""
+    module = make()
+    module.model.train()
+    normal, anomalous, masks = module.synthesizer(real_images(4))
+    module.distillation_losses(normal, anomalous, masks)["aim"].backward()
+    for conv, width in zip(module.model.student.decouple, module.model.teacher.channels, strict=True):
+        assert conv.weight.grad[width:].norm() > 1e-4  # the abnormality half
+
+
+def test_pretrained_stages_and_new_layers_are_separate_optimiser_groups() -> None:
+    module = make()
+    stages, new_layers = module.configure_optimizers()[0].param_groups
+    assert (stages["lr"], new_layers["lr"]) == (0.005, 0.005)  # the paper's single rate by default
+    assert {id(p) for p in stages["params"]} == {id(p) for p in module.model.student.stages.parameters()}
+    expected = {id(p) for p in [*module.model.student.decouple.parameters(), *module.model.pmn.parameters()]}
+    assert {id(p) for p in new_layers["params"]} == expected
+    gentle = make(pretrained_lr_scale=0.1).configure_optimizers()[0].param_groups
+    assert [group["lr"] for group in gentle] == [pytest.approx(5e-4), 0.005]
+    with pytest.raises(ValueError, match="pretrained_lr_scale"):
+        make(pretrained_lr_scale=-1)
 
 
 def test_student_batchnorm_keeps_teacher_statistics_in_train_mode() -> None:
@@ -145,10 +169,9 @@ def test_msn_outputs_probability_map_of_input_size_and_top100_score() -> None:
 
 
 def test_training_decreases_both_losses_on_real_images() -> None:
-    """NGM falls from the start. AIM starts at the mask's mean area (an untrained student equals the teacher,
-    so every distance is 0): the first update perturbs normal regions too, then AIM falls while the
-    abnormality features move away from the teacher inside the anomaly, which is what AIM is for."""
-    module = make(lr=5e-4)
+    """At the paper's learning rate: after the first update (see below) NGM and AIM fall, while the abnormality
+    features move away from the teacher inside the anomaly, which is what AIM is for."""
+    module = make()  # the paper's learning rate
     optimizer = module.configure_optimizers()[0]
     module.model.train()
     normal, anomalous, masks = module.synthesizer(real_images(8))
@@ -167,8 +190,11 @@ def test_training_decreases_both_losses_on_real_images() -> None:
         sum(losses.values()).backward()
         optimizer.step()
         history.append({key: float(value) for key, value in losses.items()})
-    assert history[-1]["ngm"] < 0.7 * history[0]["ngm"], history
-    assert history[-1]["aim"] < 0.5 * history[1]["aim"], history
+    # At the paper's 0.005 Adam's first update throws the teacher-initialised student off its start (NGM 0.19 ->
+    # 1.09 here; DMDD's "Learning rate" docstring), and both losses fall from there.
+    assert history[1]["ngm"] > 2 * history[0]["ngm"], history
+    assert history[-1]["ngm"] < 0.6 * history[1]["ngm"], history
+    assert history[-1]["aim"] < 0.8 * history[1]["aim"], history
     assert distance_inside_anomaly(1) > inside_before + 0.02
 
 
@@ -295,3 +321,18 @@ def test_forward_with_components_matches_forward_from_one_pass() -> None:
     assert torch.equal(output.anomaly_map, expected.anomaly_map) and torch.equal(output.pred_score, expected.pred_score)
     assert sorted(components) == [f"{p}_{i}" for p in ("aim", "ngm") for i in range(1, 5)]
     assert all(m.shape == (2, 1, SIZE, SIZE) for m in components.values())
+
+
+def test_fas_that_changes_nothing_is_reported_once(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    module = make(pretrained=False)
+    assert module.training_report(None, 1, -1) == {}  # nothing synthesised yet
+    frame_filling = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    module.fas_synthesizer(frame_filling, keys=["a.png", "b.png"])
+    with caplog.at_level(logging.WARNING):
+        module._report_fas_fallback()
+        module._report_fas_fallback()
+    assert [record.getMessage().startswith("FAS: GrabCut found no object in 100%") for record in caplog.records] == [True]
+    assert module.training_report(None, 1, -1) == {"fas_whole_image_share": 1.0}
+    assert make(pretrained=False, fas=False).training_report(None, 1, -1) == {}

@@ -377,3 +377,42 @@ def test_real_weld_images(mode):
         assert mask.any() and not (mask & ~foreground).any()
     unchanged = ~result.mask.bool().expand_as(images)
     assert torch.equal(result.anomalous[unchanged], images[unchanged])
+
+
+class _RecordingTextures:
+    """A texture source that remembers the pool it was offered for each sample."""
+
+    def __init__(self) -> None:
+        self.pools: list[torch.Tensor] = []
+
+    def sample(self, height: int, width: int, generator: torch.Generator, pool: torch.Tensor | None = None):
+        del generator
+        self.pools.append(pool)
+        return torch.zeros(3, height, width)
+
+
+def test_batch_textures_never_come_from_the_image_being_corrupted() -> None:
+    from distillad.synthesis import AnomalySynthesizer
+
+    images = torch.arange(4, dtype=torch.float32).view(4, 1, 1, 1).expand(4, 3, 16, 16) / 4
+    synthesizer = AnomalySynthesizer(foreground="none", seed=0)
+    synthesizer.textures = _RecordingTextures()
+    synthesizer(images)
+    assert len(synthesizer.textures.pools) == 4
+    for index, pool in enumerate(synthesizer.textures.pools):
+        assert len(pool) == 3 and not any(torch.equal(other, images[index]) for other in pool)
+
+
+def test_whole_image_share_counts_foregrounds_that_fell_back() -> None:
+    from distillad.synthesis import ForegroundCache
+
+    rng = np.random.default_rng(0)
+    texture = torch.from_numpy(rng.random((3, 64, 64), dtype=np.float32))  # fills the frame: GrabCut falls back
+    scene = torch.full((3, 64, 64), 0.1)
+    scene[:, 16:48, 16:48] = 0.9  # an object inside a plain background
+    cache = ForegroundCache("grabcut", cache_dir=None)
+    assert cache.whole_image_share() is None
+    cache.get("texture", texture)
+    assert cache.whole_image_share() == 1.0
+    cache.get("scene", scene)
+    assert cache.whole_image_share() == 0.5

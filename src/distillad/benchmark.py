@@ -1,5 +1,8 @@
 """``distillad benchmark``: train and test every model on every category, then tabulate like the papers.
 
+Peers (``--peers patchcore,padim``, :mod:`distillad.peers`) are cells like the models', fitted by anomalib on the
+same data, encoder and image size and measured by the same code.
+
 Each (category, model) *cell* trains in its own spawned process through the same
 :func:`distillad.pipeline.fit` as ``distillad fit``, so peak memory is per cell and a crash or a bad
 category costs only that cell. The output folder::
@@ -132,6 +135,7 @@ def _save_examples(model: torch.nn.Module, run_dir: Path, image_size: int) -> No
 
 def run_cell(settings: BenchmarkSettings, category: str, model_name: str, run_dir: Path) -> dict:
     """Train, test and time one cell in this process; writes and returns its ``result.json``."""
+    from distillad.peers import PEERS, run_peer
     from distillad.pipeline import RunConfig, fit, load_model
 
     started = time.perf_counter()
@@ -141,14 +145,19 @@ def run_cell(settings: BenchmarkSettings, category: str, model_name: str, run_di
                        epochs=settings.epochs, batch_size=settings.batch_size, seed=settings.seed,
                        max_steps=settings.max_steps, precision=settings.precision, accelerator=settings.accelerator,
                        devices=settings.devices, strategy=settings.strategy)
-    metrics = fit(config, run_dir, resume=True, heatmaps=False, train_limit=settings.train_limit,
-                  test_limit=settings.test_limit)
-    module, config = load_model(run_dir)
-    _save_examples(module.model, run_dir, config.image_size)
+    if model_name in PEERS:
+        metrics, module = run_peer(config, run_dir, settings.train_limit, settings.test_limit)
+        model = module
+    else:
+        metrics = fit(config, run_dir, resume=True, heatmaps=False, train_limit=settings.train_limit,
+                      test_limit=settings.test_limit)
+        module, config = load_model(run_dir)
+        model = module.model
+    _save_examples(model, run_dir, config.image_size)
     result = {
         "category": category, "model": model_name, **metrics,
-        "infer_ms_per_image_batch1": latency_ms(module.model, config.image_size, 1, 10),
-        "infer_ms_per_image_batch32": latency_ms(module.model, config.image_size, 32, 2),
+        "infer_ms_per_image_batch1": latency_ms(model, config.image_size, 1, 10),
+        "infer_ms_per_image_batch32": latency_ms(model, config.image_size, 32, 2),
         "peak_memory_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "parameters_M": sum(p.numel() for p in module.parameters()) / 1e6,
         "trainable_parameters_M": sum(p.numel() for p in module.parameters() if p.requires_grad) / 1e6,
@@ -200,9 +209,11 @@ def run_benchmark(settings: BenchmarkSettings, models: list[str], categories: li
     """
     log = log or (lambda line: print(line, flush=True))
     from distillad.models.registry import get_model_class
+    from distillad.peers import PEERS
 
     for name in models:
-        get_model_class(name)
+        if name not in PEERS:
+            get_model_class(name)
     out = Path(out)
     settings.check_compatible(out)
     rows = []

@@ -174,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
                                             "then writes OUT/results.json|csv|md and OUT/plots/*.png. A rerun with the "
                                             "same --out skips finished cells; a failing cell is reported, the others go on.")
     bench.add_argument("--models", type=_name_list, default=["rd"], help="comma-separated models (default: rd)")
+    bench.add_argument("--peers", type=_name_list, default=[],
+                       help="anomalib models to run beside them on the same data and encoder: patchcore, padim")
     bench.add_argument("--root", type=Path, required=True, help="dataset root in MVTec layout")
     bench.add_argument("--categories", type=_name_list, required=True, help="comma-separated category folders under --root")
     _add_training_options(bench, DEFAULT_BENCHMARK_EPOCHS)
@@ -237,7 +239,13 @@ def _benchmark(args: argparse.Namespace) -> None:
                                  batch_size=args.batch_size or DEFAULT_BATCH_SIZE, seed=args.seed,
                                  train_limit=args.train_limit, test_limit=args.test_limit, options=options,
                                  **_trainer_settings(args))
-    rows = run_benchmark(settings, args.models, args.categories, args.out, plots=not args.no_plots)
+    from distillad.peers import PEERS
+
+    unknown = [peer for peer in args.peers if peer not in PEERS]
+    if unknown:
+        raise DistilladError(f"unknown peer(s) {', '.join(unknown)}; choose from {', '.join(sorted(PEERS))}")
+    models = [*args.models, *(peer for peer in args.peers if peer not in args.models)]
+    rows = run_benchmark(settings, models, args.categories, args.out, plots=not args.no_plots)
     print((args.out / "results.md").read_text())
     failed = [f"{row['category']}/{row['model']}" for row in rows if "error" in row]
     if failed:

@@ -6,7 +6,8 @@ A run directory holds everything a trained model needs::
     RUN/model.ckpt            the final Lightning checkpoint (teacher included, so no weights are needed offline)
     RUN/checkpoints/last.ckpt written every epoch; ``fit --resume`` continues from it
     RUN/training.json         seconds, epochs and optimiser steps trained by the last ``fit``
-    RUN/metrics.json          test metrics (image/pixel AUROC, AUPRO, F1-max, timings)
+    RUN/metrics.json          test metrics (image/pixel AUROC, AUPRO, F1-max, timings), the per-epoch synthetic
+                          validation scores of held-out training images (``validation_curve``)
     RUN/test_scores.csv       per test image: path, label, score, normalised score, decision
     RUN/curves.json           image ROC, pixel ROC and PRO curves of the test split
     RUN/heatmaps/*.png        anomaly-map overlays of the test images
@@ -306,6 +307,20 @@ class TrainingClock(Callback):
         return json.loads(self.path.read_text()) if self.path.is_file() else {}
 
 
+def validation_curve(run_dir: Path) -> list[dict]:
+    """The per-epoch synthetic validation scores (:mod:`distillad.models.validation`) that every ``fit`` of the
+    run logged to ``RUN/logs/*/metrics.csv``, by epoch (a resumed run's later logs win)."""
+    rows: dict[int, dict] = {}
+    for path in sorted(run_dir.glob("logs/*/metrics.csv"), key=lambda p: p.stat().st_mtime):
+        with path.open(newline="") as handle:
+            for row in csv.DictReader(handle):
+                if row.get("val_synthetic_image_AUROC"):
+                    rows[int(row["epoch"])] = {"epoch": int(row["epoch"]), "step": int(row["step"]),
+                                               "image_AUROC": float(row["val_synthetic_image_AUROC"]),
+                                               "pixel_AUROC": float(row["val_synthetic_pixel_AUROC"])}
+    return [rows[epoch] for epoch in sorted(rows)]
+
+
 def _strategy(config: RunConfig) -> str | DDPStrategy:
     """``ddp`` runs its processes with the spawn start method: training happens in workers, and ``fit`` goes on
     in the calling process (calibration and test run once, there) with rank 0's weights. Unlike Lightning's
@@ -370,6 +385,7 @@ def fit(config: RunConfig, run_dir: Path, resume: bool = False, train_limit: int
     config.save(run_dir)
     metrics = test(run_dir, model=model, config=config, datamodule=datamodule, heatmaps=heatmaps)
     metrics.update(model.training_report(datamodule, *schedule))
+    metrics["validation_curve"] = validation_curve(run_dir)
     if trained.get("steps"):  # else keep what an earlier, interrupted process measured (in metrics.json, if any)
         metrics["train_seconds"] = trained["seconds"]
         metrics["train_steps"] = trained["total_steps"]

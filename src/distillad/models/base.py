@@ -72,8 +72,12 @@ class DistillationModule:
 
         anomalib's order runs the post-processor first, so test metrics would see scores min-max normalised
         with validation statistics and clamped to [0, 1] (ties: wrong AUROC); the evaluator must read raw scores.
+        Last comes :class:`~distillad.models.validation.SyntheticValidation`, the per-epoch convergence score.
         """
-        return sorted(super().configure_callbacks(), key=lambda callback: callback is not self.evaluator)
+        from distillad.models.validation import SyntheticValidation
+
+        ordered = sorted(super().configure_callbacks(), key=lambda callback: callback is not self.evaluator)
+        return [*ordered, SyntheticValidation()]
 
     def model_inputs(self, images: torch.Tensor) -> torch.Tensor:
         """Images from a dataloader as the torch model expects them: pre-processed (resized), on its device.
@@ -112,6 +116,10 @@ class DistillationModule:
         """Raise ``ValueError`` for a trainer schedule (``max_epochs``, ``max_steps``; -1 = unset) this model
         cannot train sensibly; called before training by the pipeline and at fit start."""
         del max_epochs, max_steps
+
+    def prepare_scoring(self, datamodule: AnomalibDataModule) -> None:
+        """Fit whatever scoring needs beyond the weights (DSKD: Eq. 8's statistics) before a mid-training score."""
+        del datamodule
 
     def training_report(self, datamodule: AnomalibDataModule, max_epochs: int | None, max_steps: int) -> dict:
         """What the model wants written beside the metrics about its training (schedule parts, choices made)."""

@@ -226,6 +226,16 @@ class ForegroundCache:
         """Number of cached masks."""
         return len(self._masks)
 
+    def whole_image_share(self) -> float | None:
+        """Share of the cached foregrounds that are the whole image (segmentation failed and fell back, or mode
+        ``none``); ``None`` before any was cached. Near 1 with ``grabcut`` on frame-filling images: FAS then
+        changes nothing."""
+        if not self._masks:
+            return None
+        whole = sum(bool(np.unpackbits(packed, count=height * width).all())
+                    for (_, height, width), packed in self._masks.items())
+        return whole / len(self._masks)
+
     def compute(self, image: torch.Tensor) -> torch.Tensor:
         """The foreground of a (3, H, W) image in [0, 1] as bool (H, W) on the CPU, not cached."""
         foreground = compute_foreground(to_uint8_rgb(image), self.mode, self.min_fraction, self.max_fraction)

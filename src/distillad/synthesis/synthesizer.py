@@ -128,7 +128,8 @@ class AnomalySynthesizer:
                 else self.foregrounds.get(keys[index], pool[index])
             )
             masks[index, 0] = self.anomaly_mask(foreground)
-            textures[index] = self.textures.sample(height, width, self.generator, pool)
+            others = torch.cat([pool[:index], pool[index + 1:]])  # never a crop of the image being corrupted
+            textures[index] = self.textures.sample(height, width, self.generator, others)
             betas[index] = uniform(self.generator, *self.beta_range)
         mask = masks.to(device=images.device, dtype=images.dtype)
         texture = textures.to(device=images.device, dtype=images.dtype)

@@ -181,8 +181,10 @@ class FolderTextures:
 class BuiltinTextures:
     """Textures that need no files: procedural patterns and augmented crops of batch images.
 
-    With a non-empty ``pool`` (the current training batch), a crop of one of its images is used with
-    probability :data:`POOL_PROBABILITY`; otherwise one of :data:`PROCEDURAL_TEXTURES`, chosen uniformly.
+    With a non-empty ``pool`` (the other images of the current training batch: the synthesizer leaves out the
+    image being corrupted, whose own crop would paste normal content of that image), a crop of one of its images is
+    used with probability :data:`POOL_PROBABILITY`; otherwise one of :data:`PROCEDURAL_TEXTURES`, chosen
+    uniformly. A DTD-style folder (``texture_dir``, as the papers use) replaces all of this.
     """
 
     def sample(

@@ -15,9 +15,13 @@ Three parts (paper Fig. 2):
 Choices where the paper is silent (measured in ``benchmarks/results/dmdd_mtd.md``):
 
 - The decoupling convolutions start as stacked identities and the PMN fusion convolutions start at
-  zero, so an untrained student reproduces the teacher exactly (N_i = A_i = F_i^T) and training starts
+  zero, so an untrained student reproduces the teacher exactly (N_i = F_i^T) and training starts
   from the pretrained representation the paper relies on ("the same capacity") instead of from a
-  random projection between stages.
+  random projection between stages. The abnormality half gets Gaussian noise of standard deviation
+  :data:`ABNORMALITY_INIT_NOISE` / sqrt(C) on top (about a 0.1 relative change of A_i): an exact copy sits at the
+  minimum of the cosine distance, where L_AIM's gradient vanishes (measured on 8 mtd pairs at 128 px: 1e-8 for
+  the abnormality weights of every stage, 2e-2 with the noise) although AIM must push A_i away from F_i^T
+  inside anomalies.
 - PMN fuses by addition after a 1x1 convolution + bilinear upsampling (top-down) or a strided 3x3
   convolution (bottom-up). Pyramid Upsampling fuses the one-channel maps by addition without weights.
 - The global attention parameter G has one weight per map channel and output pixel; the weighted
@@ -54,6 +58,8 @@ BRANCHES = {"normality": ("normality",), "abnormality": ("abnormality",), "both"
 # Fig. 4: each branch's (inner, outer) path directions.
 PMN_DIRECTIONS = {"normality": ("top_down", "bottom_up"), "abnormality": ("bottom_up", "top_down")}
 MAP_PREFIX = {"normality": "ngm", "abnormality": "aim"}
+#: Noise on the abnormality half of the decoupling convolutions at initialisation (times 1 / sqrt(channels)).
+ABNORMALITY_INIT_NOISE = 0.1
 #: Initial probability of the MSN output: about the share of anomalous pixels in its training pairs (0.026 on mtd).
 ANOMALY_PRIOR = 0.02
 
@@ -78,6 +84,9 @@ class DecoupledStudent(nn.Module):
             with torch.no_grad():
                 conv.weight.copy_(torch.eye(width).repeat(len(branches), 1).view(-1, width, 1, 1))
                 conv.bias.zero_()
+                if "abnormality" in branches:  # break the symmetry with the teacher (module docstring)
+                    half = conv.weight[branches.index("abnormality") * width:][:width]
+                    half.add_(torch.randn_like(half) * ABNORMALITY_INIT_NOISE / math.sqrt(width))
             self.decouple.append(conv)
 
     def forward(self, normalized_images: torch.Tensor) -> dict[str, list[torch.Tensor]]:

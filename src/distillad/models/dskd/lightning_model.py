@@ -6,7 +6,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
-from anomalib.data import Batch
+from anomalib.data import AnomalibDataModule, Batch
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
@@ -162,6 +162,9 @@ class DSKD(DistillationModule, AnomalibModule):
         datamodule = self.trainer.datamodule
         return self.fit_standardization(held_out_normal_loaders(datamodule) if datamodule is not None
                                         else [self.trainer.train_dataloader])
+
+    def prepare_scoring(self, datamodule: AnomalibDataModule) -> None:
+        self.fit_standardization(held_out_normal_loaders(datamodule))
 
     def on_validation_epoch_start(self) -> None:
         if self.trainer.state.fn == TrainerFn.FITTING:

@@ -1,0 +1,162 @@
+"""anomalib's PatchCore and PaDiM as benchmark peers: same data, encoder, image size, calibration and metric code.
+
+``distillad benchmark --peers patchcore,padim`` adds these cells beside the distillation models, so every table
+shows what a user would otherwise pick. Each peer cell:
+
+- reads the same :class:`~distillad.data.DistilladDataModule` split (training images, the held-out normal images
+  that calibrate the threshold, the full test folder);
+- builds the anomalib model on the benchmark's timm encoder with its ImageNet weights resolved by
+  :func:`distillad.backbones.create_classifier` (offline-first; anomalib's ``pre_trained=True`` needs the hub);
+- takes the encoder levels the peer's paper takes, by stride: PatchCore the stride-8 and stride-16 levels
+  (``layer2``, ``layer3`` of a ResNet), PaDiM the stride-4, 8 and 16 levels (``layer1``-``layer3``);
+- fits in one pass (no optimiser) and scores with the model's raw outputs through :func:`distillad.pipeline.evaluate`
+  (anomalib's own post-processing min-max normalises and clamps, which ties scores; its AUROC squashes raw
+  scores with a sigmoid: DESIGN "Pitfalls").
+
+PatchCore's coreset holds at most :data:`PATCHCORE_MAX_MEMORY` patches (ratio ``min(0.1, limit / patches)``; 0.1
+is anomalib's default): greedy coreset selection costs memory x patches distance computations, which for a
+761-image category at 256 px (780k patches) and ratio 0.1 would take hours on a CPU. PaDiM keeps
+:data:`PADIM_FEATURES` random channels (anomalib's choice for ResNet-18, 100 of 448) or all when there are fewer.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import timm
+import torch
+from anomalib.data import InferenceBatch
+from lightning.pytorch import seed_everything
+from torch import nn
+from torchvision.transforms.v2 import Compose, Normalize, Resize
+
+from distillad.backbones import create_classifier
+from distillad.errors import DistilladError
+
+#: Most patches PatchCore keeps in its memory bank.
+PATCHCORE_MAX_MEMORY = 16384
+#: Channels PaDiM keeps (at most).
+PADIM_FEATURES = 100
+
+
+def layers_by_stride(backbone: str, strides: tuple[int, ...]) -> list[str]:
+    """timm module names of ``backbone``'s last feature level at each of ``strides``."""
+    info = timm.create_model(backbone, pretrained=False, features_only=True).feature_info
+    names = {reduction: name for name, reduction in zip(info.module_name(), info.reduction(), strict=True)}
+    missing = [stride for stride in strides if stride not in names]
+    if missing:
+        raise DistilladError(f"backbone '{backbone}' has no feature level at stride(s) {missing} for the peers")
+    return [names[stride] for stride in strides]
+
+
+def _load_encoder_weights(extractor: nn.Module, backbone: str, pretrained: bool) -> None:
+    """Copy the resolved ImageNet weights of ``backbone`` into anomalib's ``features_only`` timm network."""
+    if not pretrained:
+        return
+    state = create_classifier(backbone, pretrained=True).state_dict()
+    missing = extractor.load_state_dict(state, strict=False).missing_keys
+    if missing:
+        raise DistilladError(f"the weights of '{backbone}' do not fit anomalib's feature extractor ({missing[0]})")
+
+
+class PeerModel(nn.Module):
+    """An anomalib model seen as distillad sees its own: ``model(images in [0, 1])`` -> raw ``InferenceBatch``."""
+
+    def __init__(self, anomalib_model: nn.Module, transform: nn.Module) -> None:
+        super().__init__()
+        self.anomalib_model = anomalib_model
+        self.transform = transform
+
+    def forward(self, images: torch.Tensor) -> InferenceBatch:
+        output = self.anomalib_model.model(self.transform(images))
+        anomaly_map = output.anomaly_map if output.anomaly_map.ndim == 4 else output.anomaly_map.unsqueeze(1)
+        return InferenceBatch(pred_score=output.pred_score.flatten(), anomaly_map=anomaly_map)
+
+
+def _patchcore(backbone: str, pretrained: bool, training_patches: int) -> nn.Module:
+    from anomalib.models import Patchcore
+
+    ratio = min(0.1, PATCHCORE_MAX_MEMORY / max(training_patches, 1))
+    return Patchcore(backbone=backbone, layers=layers_by_stride(backbone, (8, 16)), pre_trained=False,
+                     coreset_sampling_ratio=ratio, pre_processor=False, post_processor=False, evaluator=False,
+                     visualizer=False)
+
+
+def _padim(backbone: str, pretrained: bool, training_patches: int) -> nn.Module:
+    from anomalib.models import Padim
+
+    layers = layers_by_stride(backbone, (4, 8, 16))
+    info = timm.create_model(backbone, pretrained=False, features_only=True).feature_info
+    channels = sum(c for name, c in zip(info.module_name(), info.channels(), strict=True) if name in layers)
+    return Padim(backbone=backbone, layers=layers, pre_trained=False, n_features=min(PADIM_FEATURES, channels),
+                 pre_processor=False, post_processor=False, evaluator=False, visualizer=False)
+
+
+#: Peer name -> ``build(backbone, pretrained, training_patches)``.
+PEERS: dict[str, Callable[[str, bool, int], nn.Module]] = {"patchcore": _patchcore, "padim": _padim}
+
+
+def run_peer(config, run_dir: Path, train_limit: int | None = None,
+             test_limit: int | None = None) -> tuple[dict, PeerModel]:
+    """Fit peer ``config.model`` on ``config``'s data and test it like :func:`distillad.pipeline.fit`; writes
+    ``config.json``, ``metrics.json``, ``test_scores.csv`` and ``curves.json`` into ``run_dir``. Returns the
+    metrics and the fitted model."""
+    from distillad.pipeline import build_datamodule, calibrate, collect, test, versions
+
+    if config.model not in PEERS:
+        raise DistilladError(f"unknown peer '{config.model}'; choose from {', '.join(sorted(PEERS))}")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(config.seed, workers=True, verbose=False)
+    datamodule = build_datamodule(config, train_limit, test_limit)
+    datamodule.setup()
+    stride8 = (config.image_size // 8) ** 2
+    anomalib_model = PEERS[config.model](config.backbone, config.pretrained, stride8 * len(datamodule.train_data))
+    _load_encoder_weights(anomalib_model.model.feature_extractor.feature_extractor, config.backbone, config.pretrained)
+    cfg = timm.create_model(config.backbone, pretrained=False).pretrained_cfg
+    transform = Compose([Resize((config.image_size, config.image_size), antialias=True),
+                         Normalize(cfg["mean"], cfg["std"])])
+    model = PeerModel(anomalib_model, transform).requires_grad_(False)  # fitted in one pass, no gradient
+
+    started = time.perf_counter()
+    anomalib_model.model.train()
+    with torch.no_grad():
+        for batch in datamodule.train_dataloader():  # PatchCore / PaDiM training: collect embeddings, one pass
+            anomalib_model.model(transform(batch.image))
+    anomalib_model.fit()
+    train_seconds = time.perf_counter() - started
+
+    scorer = _Scorer(model)
+    has_val = len(datamodule.val_data) > 0
+    calibration = calibrate(collect(scorer, datamodule.val_dataloader() if has_val else datamodule.train_dataloader(),
+                                    "calibrating"))
+    config.threshold, config.score_floor, config.map_range = (calibration.threshold, calibration.score_floor,
+                                                              calibration.map_range)
+    config.threshold_source = "held-out normal images" if has_val else "training images (no held-out split)"
+    config.test_limit = test_limit
+    config.versions = versions()
+    config.save(run_dir)
+    metrics = test(run_dir, model=scorer, config=config, datamodule=datamodule, heatmaps=False)
+    metrics.update({"train_seconds": train_seconds, "train_steps": 0})
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics, model.eval()
+
+
+class _Scorer(nn.Module):
+    """What :func:`distillad.pipeline.collect` calls: ``.model(images)`` after ``.model_inputs``."""
+
+    def __init__(self, model: PeerModel) -> None:
+        super().__init__()
+        self.model = model
+
+    @staticmethod
+    def model_inputs(images: torch.Tensor) -> torch.Tensor:
+        return images
+
+    def train(self, mode: bool = True) -> _Scorer:
+        # PatchCore / PaDiM score only in eval mode; the fitted memory bank or Gaussian is not trained further.
+        return super().train(False)
+
