@@ -336,3 +336,16 @@ def test_fas_that_changes_nothing_is_reported_once(caplog: pytest.LogCaptureFixt
     assert [record.getMessage().startswith("FAS: GrabCut found no object in 100%") for record in caplog.records] == [True]
     assert module.training_report(None, 1, -1) == {"fas_whole_image_share": 1.0}
     assert make(pretrained=False, fas=False).training_report(None, 1, -1) == {}
+
+
+@pytest.mark.slow
+def test_thirty_steps_on_mtd_find_real_defects(shared_data: Path, tmp_path: Path) -> None:
+    """A fixed, seeded budget must learn: measured 75.1 / 64.6 / 58.7 (image AUROC / pixel AUROC / PRO, seed 0;
+    seed 1: 83.3 / 68.8 / 61.6) against 50 for chance. The synthetic validation curve is logged every epoch."""
+    from distillad.pipeline import RunConfig, fit
+
+    config = RunConfig(model="dmdd", model_options={}, image_size=128, max_steps=30, batch_size=8, seed=0,
+                       data={"kind": "mvtec", "root": str(shared_data), "category": "mtd"})
+    metrics = fit(config, tmp_path / "run", train_limit=64, test_limit=60, heatmaps=False)
+    assert metrics["image_AUROC"] > 0.65 and metrics["pixel_AUROC"] > 0.58 and metrics["pixel_AUPRO"] > 0.5, metrics
+    assert [point["epoch"] for point in metrics["validation_curve"]] == [0, 1, 2, 3]
