@@ -355,7 +355,6 @@ def fit(config: RunConfig, run_dir: Path, resume: bool = False, train_limit: int
             and not cpu_has_native_bf16():
         logging.getLogger(__name__).warning(
             "this CPU has no native bfloat16 (no AMX or AVX512-BF16): bf16-mixed trains slower than --precision 32")
-    run_dir.mkdir(parents=True, exist_ok=True)
     config.versions = versions()
     config.test_limit = test_limit  # so that 'distillad test' re-evaluates the same test images
     seed_everything(config.seed, workers=True, verbose=False)
@@ -367,6 +366,7 @@ def fit(config: RunConfig, run_dir: Path, resume: bool = False, train_limit: int
         model.check_schedule(*schedule)
     except ValueError as error:
         raise DistilladError(f"invalid schedule for model '{config.model}': {error}") from error
+    run_dir.mkdir(parents=True, exist_ok=True)
     config.save(run_dir)
     last = run_dir / "checkpoints" / "last.ckpt"
     clock = TrainingClock(run_dir / "training.json")
