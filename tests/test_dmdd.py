@@ -349,3 +349,18 @@ def test_thirty_steps_on_mtd_find_real_defects(shared_data: Path, tmp_path: Path
     metrics = fit(config, tmp_path / "run", train_limit=64, test_limit=60, heatmaps=False)
     assert metrics["image_AUROC"] > 0.65 and metrics["pixel_AUROC"] > 0.58 and metrics["pixel_AUPRO"] > 0.5, metrics
     assert [point["epoch"] for point in metrics["validation_curve"]] == [0, 1, 2, 3]
+
+
+def test_global_attention_at_a_lower_resolution_is_upsampled() -> None:
+    coarse = MultiPerceptionSegmentationNetwork(8, (SIZE, SIZE), global_attention_stride=8)
+    assert coarse.global_attention.shape == (1, 8, SIZE // 8, SIZE // 8)
+    with torch.no_grad():
+        coarse.global_attention.copy_(torch.rand_like(coarse.global_attention))
+    maps = {branch: [torch.rand(2, 1, s, s) for s in (16, 8, 4, 2)] for branch in ("normality", "abnormality")}
+    logits, _ = coarse(maps, (SIZE, SIZE))
+    fine = MultiPerceptionSegmentationNetwork(8, (SIZE, SIZE))
+    fine.load_state_dict({**coarse.state_dict(), "global_attention": F.interpolate(
+        coarse.global_attention.detach(), size=(SIZE, SIZE), mode="bilinear", align_corners=False)})
+    torch.testing.assert_close(fine(maps, (SIZE, SIZE))[0], logits)  # the same G, stored per pixel
+    with pytest.raises(ValueError, match="global_attention_stride"):
+        make(pretrained=False, global_attention_stride=0)

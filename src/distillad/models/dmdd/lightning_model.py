@@ -75,6 +75,8 @@ class DMDD(DistillationModule, AnomalibModule):
             paper's single learning rate; see "Learning rate").
         msn_lr: Adam learning rate of the MSN (the paper names one learning rate, 0.005, used here too).
         top_k: Pixels averaged into the score (100).
+        global_attention_stride: Pixels a side per weight of the MSN's global attention G (1: one weight per
+            channel and pixel, as the paper's description reads).
         texture_dir: DTD-style texture folder for synthesis; without it a built-in source is used.
         seed: Seed of the anomaly synthesisers.
         sigma: Gaussian smoothing of the summed map when ``msn=False``.
@@ -98,6 +100,7 @@ class DMDD(DistillationModule, AnomalibModule):
         msn_lr: float = 0.005,
         pretrained_lr_scale: float = 1.0,
         top_k: int = 100,
+        global_attention_stride: int = 1,
         texture_dir: str | Path | None = None,
         seed: int = 0,
         sigma: float = 4.0,
@@ -106,6 +109,9 @@ class DMDD(DistillationModule, AnomalibModule):
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
+        if global_attention_stride < 1:
+            msg = f"global_attention_stride must be >= 1, got {global_attention_stride}"
+            raise ValueError(msg)
         if lr <= 0 or msn_lr <= 0 or pretrained_lr_scale < 0:
             msg = (f"lr and msn_lr must be > 0 and pretrained_lr_scale >= 0; got lr={lr}, msn_lr={msn_lr}, "
                    f"pretrained_lr_scale={pretrained_lr_scale}")
@@ -115,7 +121,7 @@ class DMDD(DistillationModule, AnomalibModule):
         self.model = DMDDModel(backbone, pretrained=pretrained, weights=weights, image_size=tuple(image_size),
                                branches=branches, pmn_inner=pmn_inner, pmn_outer=pmn_outer, msn=msn,
                                pyramid_upsampling=pyramid_upsampling, multi_perception=multi_perception,
-                               top_k=top_k, sigma=sigma)
+                               top_k=top_k, sigma=sigma, global_attention_stride=global_attention_stride)
         self.ngm_loss = NormalityGuidanceLoss()
         self.aim_loss = AbnormalityInverseMimickingLoss()
         self.segmentation_loss = SegmentationLoss()

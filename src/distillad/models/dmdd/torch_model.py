@@ -216,17 +216,20 @@ class MultiPerceptionSegmentationNetwork(nn.Module):
         pyramid_upsampling: Table 5 "PU" switch.
         multi_perception: Table 5 "MM" switch (channel + spatial + global attention).
         top_k: Pixels averaged into the image score (100 in the paper).
+        global_attention_stride: The global attention G holds one weight per channel and block of this many
+            pixels a side, upsampled bilinearly (1: one per pixel).
     """
 
     def __init__(self, num_maps: int, image_size: tuple[int, int], pyramid_upsampling: bool = True,
-                 multi_perception: bool = True, top_k: int = 100) -> None:
+                 multi_perception: bool = True, top_k: int = 100, global_attention_stride: int = 1) -> None:
         super().__init__()
         self.upsampling = PyramidUpsampling(pyramid_upsampling)
         self.multi_perception = multi_perception
         if multi_perception:
             self.channel_attention = ChannelAttention(num_maps)
             self.spatial_attention = SpatialAttention()
-            self.global_attention = nn.Parameter(torch.ones(1, num_maps, *image_size))
+            size = [max(1, -(-side // global_attention_stride)) for side in image_size]
+            self.global_attention = nn.Parameter(torch.ones(1, num_maps, *size))
         self.compress = nn.Conv2d(num_maps, 1, kernel_size=1)
         with torch.no_grad():
             self.compress.weight.fill_(1.0 / num_maps)
@@ -263,6 +266,7 @@ class DMDDModel(nn.Module):
         pyramid_upsampling: Pyramid Upsampling inside the MSN (Table 5).
         multi_perception: Multi-perception Mechanism inside the MSN (Table 5).
         top_k: Pixels averaged into the MSN score.
+        global_attention_stride: Pixels a side per weight of the MSN's global attention.
         sigma: Gaussian smoothing of the summed map when the MSN is off.
     """
 
@@ -270,6 +274,7 @@ class DMDDModel(nn.Module):
                  weights: str | Path | None = None, image_size: tuple[int, int] = (256, 256),
                  branches: str = "both", pmn_inner: bool = True, pmn_outer: bool = True, msn: bool = True,
                  pyramid_upsampling: bool = True, multi_perception: bool = True, top_k: int = 100,
+                 global_attention_stride: int = 1,
                  sigma: float = 4.0) -> None:
         super().__init__()
         if branches not in BRANCHES:
@@ -285,7 +290,8 @@ class DMDDModel(nn.Module):
         self.student_batchnorms = [m for m in self.student.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self.pmn = PyramidModelingNetwork(channels, self.branches, inner=pmn_inner, outer=pmn_outer)
         self.msn = (MultiPerceptionSegmentationNetwork(4 * len(self.branches), image_size, pyramid_upsampling,
-                                                       multi_perception, top_k) if msn else None)
+                                                       multi_perception, top_k, global_attention_stride)
+                    if msn else None)
         self.blur = gaussian_smoothing(sigma)
         self.teacher_cache = FrozenFeatureCache()  # normal training images repeat every epoch; not in the state dict
         channels_last(self)
