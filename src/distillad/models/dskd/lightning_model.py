@@ -53,7 +53,12 @@ class DSKD(DistillationModule, AnomalibModule):
     - g stays 1024 for every encoder, as the paper's default; for an encoder narrower than that
       (``tf_efficientnet_lite0``: 320 channels at stage 4) the GCCB widens instead of compressing. The
       paper's Table 6 is flat over g in 512-2048 (g = 2048: no convs), so no rescaling is invented.
-    - GCCB: average pooling, plain 1x1 convs without normalisation or activation (none are named).
+    - GCCB: average pooling, plain 1x1 convs without normalisation or activation (none are named). Pooling to one
+      g-dim vector and broadcasting it back gives the global decoder a spatially constant input, so where a
+      part is can reach the global student's reconstruction only through the decoder's skip-free upsampling
+      from that constant: the paper's "condensing" read literally. GCAD (which the paper cites) keeps a
+      position-aware bottleneck instead; a comparison of the two on logical anomalies (a missing or duplicated
+      part) has not been measured yet.
     - With switched losses (Tables 4-5) each student is scored with the discrepancy it was trained on.
     - mu/sigma: population mean and standard deviation over all pixels of the summed maps, fitted once
       after the last epoch (intermediate ``last.ckpt`` files keep mu = 0, sigma = 1).
