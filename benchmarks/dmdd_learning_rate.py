@@ -8,9 +8,7 @@ fixed stratified subset. Writes ``benchmarks/results/dmdd_learning_rate.{json,md
     python benchmarks/dmdd_learning_rate.py --categories mtd,weld --steps 200 --image-size 128
 
 Variants (``lr``: new layers; ``scale``: factor for the pretrained stages; ``noise``: the abnormality-half noise;
-``warmup``: steps of linear warm-up of every rate):
-``paper`` 0.005 / 1 / 0 / 0 (the paper's Adam setting with an exact-copy start), ``paper+noise``,
-``lr 5e-4`` 0.0005 / 1 / 0.1 / 0, ``default`` 0.005 / 0.1 / 0.1 / 0 (distillad's), ``warm-up`` 0.005 / 1 / 0.1 / 50.
+``warmup``: steps of linear warm-up of every rate): see :data:`VARIANTS`.
 """
 
 from __future__ import annotations
@@ -27,10 +25,10 @@ from distillad import pipeline
 from distillad.models.dmdd import lightning_model, torch_model
 
 VARIANTS = {
-    "paper": {"lr": 0.005, "scale": 1.0, "noise": 0.0, "warmup": 0},
-    "paper+noise": {"lr": 0.005, "scale": 1.0, "noise": 0.1, "warmup": 0},
+    "paper, exact copy": {"lr": 0.005, "scale": 1.0, "noise": 0.0, "warmup": 0},
+    "paper + noise (default)": {"lr": 0.005, "scale": 1.0, "noise": 0.1, "warmup": 0},
     "lr 5e-4": {"lr": 5e-4, "scale": 1.0, "noise": 0.1, "warmup": 0},
-    "default": {"lr": 0.005, "scale": 0.1, "noise": 0.1, "warmup": 0},
+    "pretrained x0.1": {"lr": 0.005, "scale": 0.1, "noise": 0.1, "warmup": 0},
     "warm-up": {"lr": 0.005, "scale": 1.0, "noise": 0.1, "warmup": 50},
 }
 
