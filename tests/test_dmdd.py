@@ -239,6 +239,20 @@ def test_every_ablation_row_builds_trains_one_step_and_predicts(options: dict) -
     assert output.anomaly_map.shape == (2, 1, SIZE, SIZE)
     assert torch.isfinite(output.pred_score).all()
     assert module.fas_synthesizer.foregrounds.mode == ("none" if options.get("fas") is False else "grabcut")
+    # each switch reaches the part it names
+    model = module.model
+    paths = int(options.get("pmn_inner", True)) + int(options.get("pmn_outer", True))
+    assert all(len(path) == paths for path in model.pmn.paths.values())
+    assert (model.msn is None) == (options.get("msn") is False)
+    if model.msn is not None:
+        assert model.msn.upsampling.enabled == options.get("pyramid_upsampling", True)
+        assert hasattr(model.msn, "global_attention") == options.get("multi_perception", True)
+    else:  # Table 4 scoring without the MSN: the smoothed plain sum of the maps
+        with torch.no_grad():
+            maps = model.distance_maps(images)
+        expected = model.blur(sum(F.interpolate(m, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
+                                  for branch_maps in maps.values() for m in branch_maps))
+        torch.testing.assert_close(output.anomaly_map, expected)
 
 
 def test_switches_are_reachable_from_the_cli_parser() -> None:
