@@ -21,6 +21,7 @@ is anomalib's default): greedy coreset selection costs memory x patches distance
 
 from __future__ import annotations
 
+import ctypes
 import json
 import time
 from collections.abc import Callable
@@ -60,6 +61,20 @@ def _load_encoder_weights(extractor: nn.Module, backbone: str, pretrained: bool)
     missing = extractor.load_state_dict(state, strict=False).missing_keys
     if missing:
         raise DistilladError(f"the weights of '{backbone}' do not fit anomalib's feature extractor ({missing[0]})")
+
+
+def _return_large_blocks_to_the_system() -> None:
+    """Make glibc map allocations above 1 MiB separately, so that freeing them returns them to the system.
+
+    anomalib's greedy coreset allocates an (N, d) temporary at every selection step; glibc kept the freed blocks in
+    its heap and the process grew by about 20 MB a step (PatchCore on 115 mtd images at 128 px: killed at 24 GB
+    after 1,100 of 2,943 steps; 1.2 GB peak with this). Process-wide, no effect off glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
 
 
 class PeerModel(nn.Module):
@@ -126,6 +141,7 @@ def run_peer(config, run_dir: Path, train_limit: int | None = None,
     with torch.no_grad():
         for batch in datamodule.train_dataloader():  # PatchCore / PaDiM training: collect embeddings, one pass
             anomalib_model.model(transform(batch.image))
+    _return_large_blocks_to_the_system()
     anomalib_model.fit()
     train_seconds = time.perf_counter() - started
 
