@@ -52,8 +52,8 @@ class DMDD(DistillationModule, AnomalibModule):
     ``benchmarks/results/dmdd_learning_rate.md`` (200 steps, no MSN, mtd and weld at 128 px, two sweeps) compares
     it with 0.0005, the pretrained stages at 0.1 x 0.005 (``pretrained_lr_scale=0.1``) and a 50-step warm-up:
     the gentler schedules end at lower losses and raise image AUROC in most cells (by up to 5 points) but lower
-    weld AUPRO by 3-15 points. No schedule won on both levels, so the paper's single rate stays the default; ``pretrained_lr_scale``
-    (the factor on ``lr`` for the pretrained stages) is the image-level option.
+    weld AUPRO by 3-15 points. No schedule won on both levels, so the paper's single rate stays the default;
+    ``pretrained_lr_scale`` (the factor on ``lr`` for the pretrained stages) is the image-level option.
 
     Synthesis. The paper introduces FAS for the segmentation network ("making the fusion network pay more
     attention to the foreground areas", Sec. 3.4) and describes the student's pairs (Sec. 3.3) as plain synthetic
