@@ -145,12 +145,12 @@ def test_benchmark_cli_rejects_an_unknown_model_before_training(tmp_path: Path, 
 
 
 def test_peer_layers_are_chosen_by_stride() -> None:
-    from distillad.peers import layers_by_stride
+    from distillad.peers import feature_levels
 
-    assert layers_by_stride("wide_resnet50_2", (4, 8, 16)) == ["layer1", "layer2", "layer3"]  # PaDiM's
-    assert layers_by_stride("tf_efficientnet_lite0", (8, 16)) == ["blocks.2", "blocks.4"]  # PatchCore's
+    assert feature_levels("wide_resnet50_2", (4, 8, 16)) == {"layer1": 256, "layer2": 512, "layer3": 1024}  # PaDiM's
+    assert list(feature_levels("tf_efficientnet_lite0", (8, 16))) == ["blocks.2", "blocks.4"]  # PatchCore's
     with pytest.raises(DistilladError, match="stride"):
-        layers_by_stride("tf_efficientnet_lite0", (3,))
+        feature_levels("tf_efficientnet_lite0", (3,))
 
 
 def test_peers_run_beside_the_models_with_the_same_data_and_metric_code(shared_data: Path, tmp_path: Path,

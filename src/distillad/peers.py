@@ -43,14 +43,15 @@ PATCHCORE_MAX_MEMORY = 16384
 PADIM_FEATURES = 100
 
 
-def layers_by_stride(backbone: str, strides: tuple[int, ...]) -> list[str]:
-    """timm module names of ``backbone``'s last feature level at each of ``strides``."""
+def feature_levels(backbone: str, strides: tuple[int, ...]) -> dict[str, int]:
+    """timm module name -> channels of ``backbone``'s last feature level at each of ``strides``, in that order."""
     info = timm.create_model(backbone, pretrained=False, features_only=True).feature_info
-    names = {reduction: name for name, reduction in zip(info.module_name(), info.reduction(), strict=True)}
-    missing = [stride for stride in strides if stride not in names]
+    levels = {reduction: (name, channels)
+              for name, reduction, channels in zip(info.module_name(), info.reduction(), info.channels(), strict=True)}
+    missing = [stride for stride in strides if stride not in levels]
     if missing:
         raise DistilladError(f"backbone '{backbone}' has no feature level at stride(s) {missing} for the peers")
-    return [names[stride] for stride in strides]
+    return dict(levels[stride] for stride in strides)
 
 
 def _load_encoder_weights(extractor: nn.Module, backbone: str, pretrained: bool) -> None:
@@ -91,27 +92,27 @@ class PeerModel(nn.Module):
         return InferenceBatch(pred_score=output.pred_score.flatten(), anomaly_map=anomaly_map)
 
 
-def _patchcore(backbone: str, pretrained: bool, training_patches: int) -> nn.Module:
+def _patchcore(backbone: str, training_patches: int) -> nn.Module:
     from anomalib.models import Patchcore
 
     ratio = min(0.1, PATCHCORE_MAX_MEMORY / max(training_patches, 1))
-    return Patchcore(backbone=backbone, layers=layers_by_stride(backbone, (8, 16)), pre_trained=False,
+    return Patchcore(backbone=backbone, layers=list(feature_levels(backbone, (8, 16))), pre_trained=False,
                      coreset_sampling_ratio=ratio, pre_processor=False, post_processor=False, evaluator=False,
                      visualizer=False)
 
 
-def _padim(backbone: str, pretrained: bool, training_patches: int) -> nn.Module:
+def _padim(backbone: str, training_patches: int) -> nn.Module:
     from anomalib.models import Padim
 
-    layers = layers_by_stride(backbone, (4, 8, 16))
-    info = timm.create_model(backbone, pretrained=False, features_only=True).feature_info
-    channels = sum(c for name, c in zip(info.module_name(), info.channels(), strict=True) if name in layers)
-    return Padim(backbone=backbone, layers=layers, pre_trained=False, n_features=min(PADIM_FEATURES, channels),
-                 pre_processor=False, post_processor=False, evaluator=False, visualizer=False)
+    del training_patches
+    levels = feature_levels(backbone, (4, 8, 16))
+    return Padim(backbone=backbone, layers=list(levels), pre_trained=False,
+                 n_features=min(PADIM_FEATURES, sum(levels.values())), pre_processor=False, post_processor=False,
+                 evaluator=False, visualizer=False)
 
 
-#: Peer name -> ``build(backbone, pretrained, training_patches)``.
-PEERS: dict[str, Callable[[str, bool, int], nn.Module]] = {"patchcore": _patchcore, "padim": _padim}
+#: Peer name -> ``build(backbone, training_patches)``; the encoder's weights are loaded afterwards.
+PEERS: dict[str, Callable[[str, int], nn.Module]] = {"patchcore": _patchcore, "padim": _padim}
 
 
 def run_peer(config, run_dir: Path, train_limit: int | None = None,
@@ -129,7 +130,7 @@ def run_peer(config, run_dir: Path, train_limit: int | None = None,
     datamodule = build_datamodule(config, train_limit, test_limit)
     datamodule.setup()
     stride8 = (config.image_size // 8) ** 2
-    anomalib_model = PEERS[config.model](config.backbone, config.pretrained, stride8 * len(datamodule.train_data))
+    anomalib_model = PEERS[config.model](config.backbone, stride8 * len(datamodule.train_data))
     _load_encoder_weights(anomalib_model.model.feature_extractor.feature_extractor, config.backbone, config.pretrained)
     cfg = timm.create_model(config.backbone, pretrained=False).pretrained_cfg
     transform = Compose([Resize((config.image_size, config.image_size), antialias=True),
