@@ -124,6 +124,7 @@ class DSKD(DistillationModule, AnomalibModule):
         self.model = DSKDModel(backbone, pretrained=pretrained, weights=weights, local_loss=local_loss,
                                global_loss=global_loss, gccb=gccb, gccb_channels=gccb_channels,
                                temperature=temperature, sigma=sigma, chunk_rows=chunk_rows)
+        self._standardized_at_step: int | None = None  # trainer step of the last fit_standardization_from_trainer
         self.loss = DualStudentLoss({name: student.loss_type for name, student in self.model.students.items()},
                                     temperature=temperature, chunk_rows=chunk_rows)
 
@@ -162,14 +163,20 @@ class DSKD(DistillationModule, AnomalibModule):
         finally:
             self.model.train(was_training)
 
-    def fit_standardization_from_trainer(self) -> int:
-        """Fit Eq. 8's statistics on the held-out normal images of the trainer's data (see the class docstring)."""
+    def fit_standardization_from_trainer(self) -> None:
+        """Fit Eq. 8's statistics on the held-out normal images of the trainer's data (see the class docstring),
+        unless they were fitted at this optimiser step already (the per-epoch synthetic validation, anomalib's
+        validation and the end of fit all ask for them after the last step)."""
+        if self.model.standardized and self._standardized_at_step == self.trainer.global_step:
+            return
         datamodule = self.trainer.datamodule
-        return self.fit_standardization(held_out_normal_loaders(datamodule) if datamodule is not None
-                                        else [self.trainer.train_dataloader])
+        self.fit_standardization(held_out_normal_loaders(datamodule) if datamodule is not None
+                                 else [self.trainer.train_dataloader])
+        self._standardized_at_step = self.trainer.global_step
 
     def prepare_scoring(self, datamodule: AnomalibDataModule) -> None:
-        self.fit_standardization(held_out_normal_loaders(datamodule))
+        del datamodule  # the trainer's, which fit_standardization_from_trainer reads
+        self.fit_standardization_from_trainer()
 
     def on_validation_epoch_start(self) -> None:
         if self.trainer.state.fn == TrainerFn.FITTING:
