@@ -76,7 +76,7 @@ class DMDD(DistillationModule, AnomalibModule):
             paper's single learning rate; see "Learning rate").
         msn_lr: Adam learning rate of the MSN. The paper gives 0.005 for the student network only; at 0.0005
             the MSN localised better on mtd and weld (``benchmarks/results/dmdd_msn.md``: pixel AUROC +3-5, AUPRO
-            +7-10 points at 64 steps, 128 px, two seeds).
+            +7-19 points at 64 steps, 128 px, two seeds).
         top_k: Pixels averaged into the score (100).
         global_attention_stride: Pixels a side per weight of the MSN's global attention G (1: one weight per
             channel and pixel, as the paper's description reads).
