@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from distillad.errors import DistilladError
+from distillad.storage import atomic_writer, write_json, write_text
 
 EXAMPLES_PER_CATEGORY = 4
 
@@ -75,7 +76,7 @@ class BenchmarkSettings:
                        "pass another --out, or the same settings to resume it")
                 raise DistilladError(msg)
         out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(current, indent=2))
+        write_json(path, current)
 
 
 def cell_dir(out: Path, category: str, model: str) -> Path:
@@ -165,7 +166,7 @@ def run_cell(settings: BenchmarkSettings, category: str, model_name: str, run_di
         "cell_seconds": time.perf_counter() - started,
         "versions": config.versions,
     }
-    (run_dir / "result.json").write_text(json.dumps(result, indent=2))
+    write_json(run_dir / "result.json", result)
     return result
 
 
@@ -332,10 +333,10 @@ CSV_FIELDS = ["category", "model", "image_AUROC", "pixel_AUROC", "pixel_AUPRO", 
 
 def write_tables(rows: list[dict], settings: BenchmarkSettings, models: list[str], categories: list[str], out: Path) -> None:
     """``results.json``, ``results.csv`` and ``results.md`` for the cells done so far."""
-    (out / "results.json").write_text(json.dumps({"settings": asdict(settings), "cells": rows}, indent=2))
-    with (out / "results.csv").open("w", newline="") as handle:
+    write_json(out / "results.json", {"settings": asdict(settings), "cells": rows})
+    with atomic_writer(out / "results.csv", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     plots = sorted(f"plots/{path.name}" for path in (out / "plots").glob("*.png"))
-    (out / "results.md").write_text(markdown(rows, settings, models, categories, plots))
+    write_text(out / "results.md", markdown(rows, settings, models, categories, plots))

@@ -126,7 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                      help="model option, repeatable (e.g. --option lr=0.001); 'distillad models' lists them")
     fit.add_argument("--out", type=Path, default=Path("runs/latest"), help="run directory (default: runs/latest)")
-    fit.add_argument("--resume", action="store_true", help="continue from RUN/checkpoints/last.ckpt if present")
+    replace = fit.add_mutually_exclusive_group()
+    replace.add_argument("--resume", action="store_true",
+                         help="continue the run in --out (same settings) from RUN/checkpoints/last.ckpt if present")
+    replace.add_argument("--overwrite", action="store_true",
+                         help="replace the run in --out (a folder that holds a run is refused otherwise)")
     fit.add_argument("--no-heatmaps", action="store_true", help="do not write heatmap overlays of test images")
 
     test = commands.add_parser("test", help="re-evaluate a saved run on its test split")
@@ -227,12 +231,16 @@ def _trainer_settings(args: argparse.Namespace) -> dict:
 
 def _benchmark(args: argparse.Namespace) -> None:
     from distillad.benchmark import BenchmarkSettings, run_benchmark
+    from distillad.models.registry import MODELS, check_model_options
 
     options: dict[str, dict] = {}
     for model, (key, value) in args.option:
         if model not in args.models:
             raise DistilladError(f"--option {model}:{key}=... names a model not in --models ({','.join(args.models)})")
         options.setdefault(model, {})[key] = value
+    for model, model_options in options.items():
+        if model in MODELS:
+            check_model_options(model, model_options)
     settings = BenchmarkSettings(root=str(args.root), backbone=args.backbone or DEFAULT_BACKBONE,
                                  pretrained=not args.no_pretrained, image_size=args.image_size or DEFAULT_IMAGE_SIZE,
                                  epochs=args.epochs or DEFAULT_BENCHMARK_EPOCHS,
@@ -295,7 +303,7 @@ def run(argv: list[str] | None = None) -> int:
         from distillad import pipeline  # Lightning loads only for the commands that need it
     if args.command == "fit":
         metrics = pipeline.fit(_fit_config(args), args.out, resume=args.resume, train_limit=args.train_limit,
-                               test_limit=args.test_limit, heatmaps=not args.no_heatmaps)
+                               test_limit=args.test_limit, heatmaps=not args.no_heatmaps, overwrite=args.overwrite)
         print(json.dumps(metrics, indent=2))
         print(f"run written to {args.out}")
     elif args.command == "test":
@@ -311,6 +319,18 @@ def run(argv: list[str] | None = None) -> int:
     return 0
 
 
+#: What to tell a user who pressed Ctrl-C, by command: training keeps its checkpoints, benchmarks their cells.
+INTERRUPTED_HINTS = {
+    "fit": "rerun the same 'distillad fit' command with --resume to continue from the last checkpoint",
+    "benchmark": "rerun the same 'distillad benchmark' command to finish the remaining cells",
+    "predict": "predictions.csv was left as it was; rerun the same command",
+}
+
+
+def _command(argv: list[str]) -> str | None:
+    return next((word for word in argv if not word.startswith("-")), None)
+
+
 def main() -> None:
     """Console entry point: one-line errors instead of tracebacks for user mistakes."""
     # Deprecation notices inside timm and anomalib are for their developers, not for our users.
@@ -321,6 +341,7 @@ def main() -> None:
         print(f"distillad: error: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("distillad: interrupted; rerun 'distillad fit' with the same --out and --resume to continue",
+        print(f"distillad: interrupted; {INTERRUPTED_HINTS.get(_command(sys.argv[1:]), 'nothing was lost')}",
               file=sys.stderr)
         sys.exit(130)
+

@@ -54,7 +54,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
-import json
 import keyword
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -71,6 +70,7 @@ from distillad.errors import DistilladError
 from distillad.inference import ImageFiles, collate, expand_inputs
 from distillad.pipeline import RunConfig, load_model, versions
 from distillad.runtime import INPUT_NAME, METADATA_FILE, MODEL_FILES, OUTPUT_NAMES, load_exported, require
+from distillad.storage import write_json
 
 FORMATS = tuple(MODEL_FILES)
 #: Largest difference to PyTorch allowed for the anomaly maps and the scores, as a share of max(1, max |output|).
@@ -237,7 +237,7 @@ def _write_metadata(folder: Path, fmt: str, image_size: int, metadata: dict, par
         "versions": {**versions(), **_package_versions()},
         "parity": parity,
     }
-    (folder / METADATA_FILE).write_text(json.dumps(content, indent=2))
+    write_json(folder / METADATA_FILE, content)
 
 
 def parity_images(run_dir: Path, config: RunConfig, images: Sequence[str | Path] | None = None) -> torch.Tensor:
@@ -267,9 +267,22 @@ def _run_metadata(run_dir: Path, config: RunConfig) -> dict:
             "run": str(Path(run_dir).resolve())}
 
 
+def _check_writable(folder: Path) -> None:
+    """Create ``folder`` and write a probe file in it, so a bad ``--out`` fails before the slow trace."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        msg = f"cannot write the export folder {folder} ({error.strerror or error}); pass a writable folder with --out"
+        raise DistilladError(msg) from error
+
+
 def _export_run(run_dir: str | Path, out_dirs: dict[str, Path], images: Sequence[str | Path] | None,
                 threads: int | None) -> dict[str, Path]:
     _check_formats(list(out_dirs))
+    for folder in out_dirs.values():
+        _check_writable(Path(folder))
     module, config = load_model(Path(run_dir))
     return export_model(module.model, config.image_size, out_dirs, parity_images(run_dir, config, images),
                         _run_metadata(run_dir, config), threads)

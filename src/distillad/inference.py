@@ -5,9 +5,10 @@ float32 image batch (B, 3, S, S) in [0, 1] to anomaly maps and scores: a run's P
 (:func:`distillad.pipeline.predict`) or an exported one (:mod:`distillad.runtime`).
 
 :func:`predict_images` reads the images with a ``DataLoader`` (``batch_size``, ``num_workers``),
-writes every ``predictions.csv`` row as soon as its batch is scored and keeps no maps or rows, so
-memory does not grow with the number of images. Unreadable files get an ``error`` row and the run goes
-on. Images are resized to S x S with antialiasing, as in training and testing.
+writes every ``predictions.csv`` row as soon as its batch is scored (into a temporary file that replaces
+``predictions.csv`` once every image is scored, so an interrupted run leaves the previous file intact) and
+keeps no maps or rows, so memory does not grow with the number of images. Unreadable files get an
+``error`` row and the run goes on. Images are resized to S x S with antialiasing, as in training and testing.
 
 Calibrated decisions. The decision threshold (``is_anomalous``) is the 99th percentile (linear
 interpolation) of the image scores of a run's held-out normal training images: it flags about 1% of
@@ -35,6 +36,7 @@ from tqdm.auto import tqdm
 from distillad.data.io import IMAGE_EXTENSIONS, is_image_file, read_image
 from distillad.errors import DistilladError
 from distillad.runtime import load_exported
+from distillad.storage import atomic_writer
 
 THRESHOLD_QUANTILE = 0.99
 PREDICTION_COLUMNS = ["path", "score", "normalized_score", "is_anomalous", "error"]
@@ -173,7 +175,7 @@ def predict_images(scorer: Scorer, inputs: list[str | Path], out_dir: Path, batc
     used: set[str] = set()
     anomalous = unreadable = 0
     csv_path = out_dir / "predictions.csv"
-    with csv_path.open("w", newline="") as handle, tqdm(total=len(paths), desc="predicting", unit="img") as progress:
+    with atomic_writer(csv_path, newline="") as handle, tqdm(total=len(paths), desc="predicting", unit="img") as progress:
         writer = csv.DictWriter(handle, fieldnames=PREDICTION_COLUMNS)
         writer.writeheader()
         for batch_paths, images, errors in loader:

@@ -22,7 +22,6 @@ is anomalib's default): greedy coreset selection costs memory x patches distance
 from __future__ import annotations
 
 import ctypes
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +35,7 @@ from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from distillad.backbones import create_classifier
 from distillad.errors import DistilladError
+from distillad.storage import write_json
 
 #: Most patches PatchCore keeps in its memory bank.
 PATCHCORE_MAX_MEMORY = 16384
@@ -158,7 +158,7 @@ def run_peer(config, run_dir: Path, train_limit: int | None = None,
     config.save(run_dir)
     metrics = test(run_dir, model=scorer, config=config, datamodule=datamodule, heatmaps=False)
     metrics.update({"train_seconds": train_seconds, "train_steps": 0})
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_json(run_dir / "metrics.json", metrics)
     return metrics, model.eval()
 
 

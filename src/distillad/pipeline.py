@@ -30,6 +30,9 @@ import csv
 import json
 import logging
 import platform
+import random
+import shutil
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version as package_version
@@ -61,7 +64,8 @@ from distillad.inference import (
     unique_name,
 )
 from distillad.metrics import aupro, auroc, f1_max, pro_curve, roc_curve
-from distillad.models.registry import get_model_class, model_options
+from distillad.models.registry import check_model_options, get_model_class, model_options
+from distillad.storage import atomic_writer, read_checkpoint, write_json
 from distillad.training import ACCELERATORS, PRECISIONS, STRATEGIES, cpu_has_native_bf16
 
 DISABLED_COMPONENTS = {"post_processor": False, "evaluator": False, "visualizer": False}
@@ -92,10 +96,11 @@ class RunConfig:
     score_floor: float | None = None
     map_range: tuple[float, float] = (0.0, 1.0)
     versions: dict = field(default_factory=dict)
+    train_limit: int | None = None
     test_limit: int | None = None
 
     def save(self, run_dir: Path) -> None:
-        (run_dir / "config.json").write_text(json.dumps(asdict(self), indent=2))
+        write_json(run_dir / "config.json", asdict(self))
 
     @property
     def device_batch_size(self) -> int:
@@ -166,13 +171,8 @@ def build_datamodule(config: RunConfig, train_limit: int | None = None, test_lim
 
 def build_model(config: RunConfig) -> torch.nn.Module:
     """A fresh model for ``config`` (encoder weights resolved offline-first)."""
+    check_model_options(config.model, config.model_options)
     model_class = get_model_class(config.model)
-    allowed = model_options(model_class)
-    unknown = sorted(set(config.model_options) - set(allowed))
-    if unknown:
-        msg = (f"unknown option(s) {', '.join(unknown)} for model '{config.model}'; "
-               f"valid: {', '.join(sorted(allowed)) or 'none'}")
-        raise DistilladError(msg)
     try:
         return model_class(backbone=config.backbone, pretrained=config.pretrained, weights=config.weights,
                            image_size=(config.image_size, config.image_size), **config.model_options,
@@ -190,10 +190,30 @@ def load_model(run_dir: Path) -> tuple[torch.nn.Module, RunConfig]:
     if not checkpoint.is_file():
         msg = f"{run_dir} has no model.ckpt (training did not finish); rerun 'distillad fit ... --out {run_dir} --resume'"
         raise DistilladError(msg)
-    model_class = get_model_class(config.model)
-    model = model_class.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=False, pretrained=False,
-                                             weights=None, **DISABLED_COMPONENTS)
+    if config.threshold is None:
+        msg = (f"{run_dir} stopped after training, before calibration (config.json has no threshold); rerun "
+               f"'distillad fit ... --out {run_dir} --resume' to finish it")
+        raise DistilladError(msg)
+    fix = f"rerun 'distillad fit ... --out {run_dir} --resume' on the machine that trained it, or train again"
+    model = restore(config.model, read_checkpoint(checkpoint, fix), fix)
     return model.eval(), config
+
+
+def restore(model_name: str, checkpoint: dict, fix: str) -> torch.nn.Module:
+    """The ``model_name`` model that ``checkpoint`` (from :func:`~distillad.storage.read_checkpoint`) holds, built from
+    its own hyperparameters without resolving encoder weights again (the checkpoint holds them)."""
+    model_class = get_model_class(model_name)
+    options = {key: value for key, value in checkpoint.get("hyper_parameters", {}).items()
+               if key in model_options(model_class) or key in ("backbone", "image_size")}
+    try:
+        model = model_class(**options, pretrained=False, weights=None, **DISABLED_COMPONENTS)
+        model.on_load_checkpoint(checkpoint)
+        model.load_state_dict(checkpoint["state_dict"])
+    except (RuntimeError, TypeError, ValueError, KeyError) as error:
+        reason = str(error).splitlines()[0][:160]
+        msg = f"the checkpoint does not hold a '{model_name}' model as its config.json says ({reason}); {fix}"
+        raise DistilladError(msg) from error
+    return model
 
 
 @torch.no_grad()
@@ -298,13 +318,51 @@ class TrainingClock(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: torch.nn.Module) -> None:
         del pl_module
         if trainer.is_global_zero:
-            self.path.write_text(json.dumps({
+            write_json(self.path, {
                 "seconds": time.perf_counter() - self.started, "epochs": trainer.current_epoch - self.first_epoch,
-                "steps": trainer.global_step - self.first_step, "total_steps": trainer.global_step}))
+                "steps": trainer.global_step - self.first_step, "total_steps": trainer.global_step}, indent=None)
 
     def measured(self) -> dict:
         """What ``on_train_end`` wrote; empty when nothing was trained (the checkpoint was already complete)."""
         return json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+
+class RandomState(Callback):
+    """Carries the global random state (torch, CUDA, numpy, Python) in every checkpoint and puts it back when a
+    resumed run starts its first epoch, where the uninterrupted run was when it wrote that checkpoint: later
+    epochs shuffle, and draw from the global generators, as an uninterrupted run does. Models' own generators
+    travel with the model (:meth:`~distillad.models.base.DistillationModule.random_generators`)."""
+
+    def __init__(self) -> None:
+        self.pending: dict | None = None
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: torch.nn.Module, checkpoint: dict) -> None:
+        del trainer, pl_module
+        numpy_state = np.random.get_state()
+        checkpoint["random_state"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {"keys": torch.from_numpy(numpy_state[1].astype(np.int64)), "position": int(numpy_state[2]),
+                      "has_gauss": int(numpy_state[3]), "cached_gaussian": float(numpy_state[4])},
+            "python": random.getstate(),
+        }
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: torch.nn.Module, checkpoint: dict) -> None:
+        del trainer, pl_module
+        self.pending = checkpoint.get("random_state")
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: torch.nn.Module) -> None:
+        del trainer, pl_module
+        if self.pending is None:
+            return
+        state, self.pending = self.pending, None
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        numpy_state = state["numpy"]
+        np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["position"],
+                             numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+        random.setstate(state["python"])
 
 
 def validation_curve(run_dir: Path) -> list[dict]:
@@ -339,15 +397,67 @@ def _trainer(config: RunConfig, run_dir: Path, model: torch.nn.Module, clock: Tr
     schedule = ({"max_steps": config.max_steps, "max_epochs": -1} if config.max_steps
                 else {"max_epochs": config.epochs})
     arguments = {**model.trainer_arguments, **schedule, "default_root_dir": run_dir,
-                 "callbacks": [checkpoint, clock], "logger": CSVLogger(run_dir, name="logs"), "limit_val_batches": 0,
-                 "deterministic": "warn", "enable_model_summary": False, "precision": config.precision,
+                 "callbacks": [checkpoint, clock, RandomState()], "logger": CSVLogger(run_dir, name="logs"),
+                 "limit_val_batches": 0, "deterministic": "warn", "enable_model_summary": False, "precision": config.precision,
                  "accelerator": config.accelerator, "devices": config.devices, "strategy": _strategy(config)}
     return Trainer(**arguments)
 
 
+#: Settings a ``--resume`` must share with the run it continues (the schedule and devices may change).
+RESUME_KEYS = ("model", "model_options", "data", "backbone", "pretrained", "weights", "image_size", "batch_size", "seed",
+               "train_limit")
+#: What ``fit`` writes into a run directory, and so what ``--overwrite`` removes (nothing else is touched).
+RUN_ENTRIES = ("config.json", "model.ckpt", "training.json", "metrics.json", "test_scores.csv", "curves.json",
+               "checkpoints", "logs", "heatmaps", "export")
+
+
+def claim_run_dir(config: RunConfig, run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Make sure ``fit`` may write ``run_dir``: a folder holding another run is refused unless the user resumes
+    the same run or asks to overwrite it (then that run's files are removed first)."""
+    if not (run_dir / "config.json").is_file():
+        return
+    if overwrite:
+        for name in RUN_ENTRIES:
+            path = run_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        return
+    try:
+        previous = json.loads((run_dir / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        msg = f"{run_dir / 'config.json'} is unreadable ({error}); pass --overwrite to replace that run, or another --out"
+        raise DistilladError(msg) from error
+    if not resume:
+        msg = (f"{run_dir} already holds a '{previous.get('model')}' run; pass --resume to continue it, --overwrite to "
+               "replace it, or another --out")
+        raise DistilladError(msg)
+    current = asdict(config)
+    changed = [key for key in RESUME_KEYS if json.loads(json.dumps(current[key])) != previous.get(key, current[key])]
+    if changed:
+        differences = ", ".join(f"{key} {previous.get(key)!r} -> {current[key]!r}" for key in changed)
+        msg = (f"--resume continues the run in {run_dir} with its own settings, but these differ: {differences}; "
+               "pass the run's settings, --overwrite to replace it, or another --out")
+        raise DistilladError(msg)
+
+
+def _resume_checkpoint(run_dir: Path, resume: bool) -> Path | None:
+    """``last.ckpt`` when resuming from one, after checking that it loads as data."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not (resume and last.is_file()):
+        return None
+    read_checkpoint(last, f"delete it to train {run_dir} from the start, or pass --overwrite")
+    return last
+
+
 def fit(config: RunConfig, run_dir: Path, resume: bool = False, train_limit: int | None = None,
-        test_limit: int | None = None, heatmaps: bool = True) -> dict:
-    """Train ``config`` into ``run_dir``, calibrate the threshold, test, and write the run files."""
+        test_limit: int | None = None, heatmaps: bool = True, overwrite: bool = False) -> dict:
+    """Train ``config`` into ``run_dir``, calibrate the threshold, test, and write the run files.
+
+    A ``run_dir`` that holds a run already is refused unless ``resume`` (same settings, see :data:`RESUME_KEYS`)
+    or ``overwrite``; everything is checked before the first file is written.
+    """
     run_dir = Path(run_dir)
     get_model_class(config.model)
     config.check_training()
@@ -356,6 +466,7 @@ def fit(config: RunConfig, run_dir: Path, resume: bool = False, train_limit: int
         logging.getLogger(__name__).warning(
             "this CPU has no native bfloat16 (no AMX or AVX512-BF16): bf16-mixed trains slower than --precision 32")
     config.versions = versions()
+    config.train_limit = train_limit
     config.test_limit = test_limit  # so that 'distillad test' re-evaluates the same test images
     seed_everything(config.seed, workers=True, verbose=False)
     datamodule = build_datamodule(config, train_limit, test_limit)
@@ -366,13 +477,20 @@ def fit(config: RunConfig, run_dir: Path, resume: bool = False, train_limit: int
         model.check_schedule(*schedule)
     except ValueError as error:
         raise DistilladError(f"invalid schedule for model '{config.model}': {error}") from error
+    claim_run_dir(config, run_dir, resume, overwrite)
+    last = _resume_checkpoint(run_dir, resume)
     run_dir.mkdir(parents=True, exist_ok=True)
     config.save(run_dir)
-    last = run_dir / "checkpoints" / "last.ckpt"
     clock = TrainingClock(run_dir / "training.json")
     clock.path.unlink(missing_ok=True)  # a checkpoint that was already complete trains nothing and writes nothing
     trainer = _trainer(config, run_dir, model, clock)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=last if resume and last.is_file() else None)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=last, weights_only=True)
+    except SystemExit:
+        if trainer.interrupted:  # Lightning turns Ctrl-C into exit(1) after ignoring SIGINT
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt from None
+        raise
     trained = clock.measured()
     model.cpu()
     trainer.save_checkpoint(run_dir / "model.ckpt")
@@ -392,7 +510,7 @@ def fit(config: RunConfig, run_dir: Path, resume: bool = False, train_limit: int
         metrics["seconds_per_step"] = trained["seconds"] / trained["steps"]
         if trained["epochs"]:
             metrics["seconds_per_epoch"] = trained["seconds"] / trained["epochs"]
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_json(run_dir / "metrics.json", metrics)
     return metrics
 
 
@@ -412,12 +530,12 @@ def test(run_dir: Path, model: torch.nn.Module | None = None, config: RunConfig 
         msg = "the test split needs both normal and anomalous images to compute metrics; add test/good and defect folders"
         raise DistilladError(msg)
     metrics = evaluate(predictions, config.threshold)
-    (run_dir / "curves.json").write_text(json.dumps(curves(predictions)))
+    write_json(run_dir / "curves.json", curves(predictions), indent=None)
     metrics["test_ms_per_image"] = 1000 * seconds / len(predictions.paths)
     metrics.update({"model": config.model, "backbone": config.backbone, "image_size": config.image_size,
                     "epochs": config.epochs, "max_steps": config.max_steps, "precision": config.precision,
                     "devices": config.devices, "seed": config.seed})
-    with (run_dir / "test_scores.csv").open("w", newline="") as handle:
+    with atomic_writer(run_dir / "test_scores.csv", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "label", "score", "normalized_score", "is_anomalous"])
         normalize = score_normalizer(config.threshold, config.score_floor)
@@ -431,7 +549,7 @@ def test(run_dir: Path, model: torch.nn.Module | None = None, config: RunConfig 
     previous = run_dir / "metrics.json"
     if previous.is_file():  # keep what only training measured (train_seconds, seconds_per_epoch)
         metrics = {**json.loads(previous.read_text()), **metrics}
-    previous.write_text(json.dumps(metrics, indent=2))
+    write_json(previous, metrics)
     return metrics
 
 

@@ -26,6 +26,7 @@ from types import ModuleType
 import numpy as np
 
 from distillad.errors import DistilladError
+from distillad.storage import check_program_archive, file_inside
 
 METADATA_FILE = "metadata.json"
 MODEL_FILES = {"onnx": "model.onnx", "openvino": "model.xml", "torch": "model.pt2"}
@@ -83,6 +84,7 @@ def _openvino_predictor(path: Path, threads: int | None) -> Predictor:
 
 def _torch_predictor(path: Path, threads: int | None) -> Predictor:
     torch = require("torch")
+    check_program_archive(path)
     if threads:
         torch.set_num_threads(threads)  # process-wide: torch has no per-model thread pool
     module = torch.export.load(str(path)).module()
@@ -109,7 +111,16 @@ def read_metadata(path: str | Path) -> tuple[Path, dict]:
         msg = (f"{path} is not a distillad export (no {METADATA_FILE}); "
                "pass the folder written by 'distillad export --run RUN --format FORMAT'")
         raise DistilladError(msg)
-    return folder, json.loads(metadata_path.read_text())
+    try:
+        metadata = json.loads(metadata_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        msg = f"{metadata_path} is not valid JSON ({error}); export the run again"
+        raise DistilladError(msg) from error
+    fmt = metadata.get("format") if isinstance(metadata, dict) else None
+    if fmt not in MODEL_FILES:
+        msg = f"{metadata_path} names format {fmt!r}, not one of {', '.join(MODEL_FILES)}; export the run again"
+        raise DistilladError(msg)
+    return folder, metadata
 
 
 class ExportedModel:
@@ -124,11 +135,19 @@ class ExportedModel:
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
         folder, self.metadata = read_metadata(path)
         self.format: str = self.metadata["format"]
-        self.path = folder / self.metadata["file"]
+        self.path = file_inside(folder, str(self.metadata.get("file", MODEL_FILES[self.format])),
+                                f"{folder / METADATA_FILE}")
         if not self.path.is_file():
             msg = f"{self.path} is missing from the export folder {folder}; export the run again"
             raise DistilladError(msg)
-        self._predict = _PREDICTORS[self.format](self.path, threads)
+        try:
+            self._predict = _PREDICTORS[self.format](self.path, threads)
+        except DistilladError:
+            raise
+        except Exception as error:  # each runtime has its own exception types for a file it cannot parse
+            reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+            msg = f"{self.path} cannot be loaded by the {self.format} runtime ({reason}); export the run again"
+            raise DistilladError(msg) from error
 
     @property
     def image_size(self) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from anomalib import LearningType
@@ -19,6 +19,7 @@ from torch import nn
 from torchvision.transforms.v2 import Resize
 
 from distillad.metrics import RawScoreAUROC
+from distillad.models.options import COMMON_RULES, Rule, check_options
 
 
 class DistillationModule:
@@ -33,19 +34,47 @@ class DistillationModule:
     """
 
     model: nn.Module
+    #: Ranges of numeric options, checked with their types before anything is built (``distillad.models.options``).
+    option_rules: ClassVar[dict[str, Rule]] = COMMON_RULES
 
     def init_anomalib_module(self, image_size: tuple[int, int], pre_processor: nn.Module | bool,
                              post_processor: nn.Module | bool, evaluator: Evaluator | bool,
                              visualizer: nn.Module | bool) -> None:
-        """Initialise ``AnomalibModule`` (``True`` pre-processor = resize only) and save the caller's arguments
-        as hyperparameters, so checkpoints rebuild the same model."""
+        """Check the caller's arguments (:func:`~distillad.models.options.check_options`), initialise
+        ``AnomalibModule`` (``True`` pre-processor = resize only) and save the arguments as hyperparameters, so
+        checkpoints rebuild the same model. Call it first in ``__init__``."""
+        caller = inspect.getargvalues(inspect.currentframe().f_back)
+        components = {"pre_processor", "post_processor", "evaluator", "visualizer"}
+        arguments = {name: caller.locals[name] for name in caller.args[1:] if name not in components}
+        check_options(type(self), arguments)
         if pre_processor is True:
             pre_processor = PreProcessor(transform=Resize(tuple(image_size), antialias=True))
         super().__init__(pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator,
                          visualizer=visualizer)
-        caller = inspect.getargvalues(inspect.currentframe().f_back)
-        components = {"pre_processor", "post_processor", "evaluator", "visualizer"}
-        self.save_hyperparameters({name: caller.locals[name] for name in caller.args[1:] if name not in components})
+        self.save_hyperparameters(arguments)
+
+    def random_generators(self) -> dict[str, torch.Generator]:
+        """The model's own random generators (its anomaly synthesizers'), by name. Checkpoints carry their states,
+        so a resumed run draws the anomalies an uninterrupted one would; a model that builds one after loading
+        takes its state from :meth:`restored_generator_state`."""
+        return {}
+
+    def restored_generator_state(self, name: str) -> torch.Tensor | None:
+        """The state a loaded checkpoint holds for generator ``name`` that no existing generator took yet."""
+        return getattr(self, "_pending_generator_states", {}).pop(name, None)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["random_generators"] = {name: generator.get_state()
+                                           for name, generator in self.random_generators().items()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._pending_generator_states = dict(checkpoint.get("random_generators", {}))
+        for name, generator in self.random_generators().items():
+            state = self.restored_generator_state(name)
+            if state is not None:
+                generator.set_state(state)
 
     @staticmethod
     def configure_post_processor() -> PostProcessor:

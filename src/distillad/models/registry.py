@@ -55,3 +55,19 @@ def model_options(model_class: type) -> dict[str, inspect.Parameter]:
     managed = {"self", "pre_processor", "post_processor", "evaluator", "visualizer", "backbone", "pretrained",
                "weights", "image_size"}
     return {name: p for name, p in inspect.signature(model_class.__init__).parameters.items() if name not in managed}
+
+
+def check_model_options(name: str, options: dict) -> None:
+    """One-line :class:`DistilladError` for an option ``name`` does not have or a value of the wrong type or range."""
+    from distillad.models.options import check_options
+
+    model_class = get_model_class(name)
+    allowed = model_options(model_class)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        msg = f"unknown option(s) {', '.join(unknown)} for model '{name}'; valid: {', '.join(sorted(allowed)) or 'none'}"
+        raise DistilladError(msg)
+    try:
+        check_options(model_class, options)
+    except ValueError as error:
+        raise DistilladError(f"invalid option for model '{name}': {error}") from error

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -18,6 +18,7 @@ from torch import nn, optim
 from distillad.models.aand.loss import AmplificationStageLoss, NormalityDistillationLoss
 from distillad.models.aand.torch_model import AANDModel, downsample_mask
 from distillad.models.base import DistillationModule
+from distillad.models.options import AT_LEAST_ONE, COMMON_RULES, NON_NEGATIVE, POSITIVE, PROBABILITY, Rule
 from distillad.synthesis import FOREGROUND_MODES, AnomalySynthesizer, texture_or_object, to_uint8_rgb
 from distillad.synthesis.foreground import AUTO_SAMPLE_IMAGES
 
@@ -112,6 +113,11 @@ class AAND(DistillationModule, AnomalibModule):
         pre_processor, post_processor, evaluator, visualizer: anomalib components or flags.
     """
 
+    option_rules: ClassVar[dict[str, Rule]] = {**COMMON_RULES, "stage1_epochs": NON_NEGATIVE, "stage2_epochs": NON_NEGATIVE,
+                                               "memory_items": AT_LEAST_ONE, "temperature": POSITIVE, "alpha": NON_NEGATIVE,
+                                               "hard_samples": NON_NEGATIVE, "max_anomalous_patches": AT_LEAST_ONE,
+                                               "max_normal_patches": AT_LEAST_ONE, "anomaly_probability": PROBABILITY}
+
     def __init__(
         self,
         backbone: str = "tf_efficientnet_lite0",
@@ -140,8 +146,9 @@ class AAND(DistillationModule, AnomalibModule):
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        if stage1_epochs < 0 or stage2_epochs < 0 or stage1_epochs + stage2_epochs == 0:
-            msg = f"stage1_epochs and stage2_epochs must be >= 0 and not both 0, got {stage1_epochs}, {stage2_epochs}"
+        self.init_anomalib_module(image_size, pre_processor, post_processor, evaluator, visualizer)
+        if stage1_epochs + stage2_epochs == 0:
+            msg = "stage1_epochs and stage2_epochs are both 0; train at least one stage"
             raise ValueError(msg)
         if stage2_epochs == 0 and score != "mrg":
             msg = "stage2_epochs=0 leaves the student untrained; pass score='mrg' (Table V (a)) or stage2_epochs > 0"
@@ -149,7 +156,6 @@ class AAND(DistillationModule, AnomalibModule):
         if foreground != "auto" and foreground not in FOREGROUND_MODES:
             msg = f"foreground must be 'auto' or one of {', '.join(sorted(FOREGROUND_MODES))}, got {foreground!r}"
             raise ValueError(msg)
-        self.init_anomalib_module(image_size, pre_processor, post_processor, evaluator, visualizer)
         self.automatic_optimization = False
         self.model = AANDModel(backbone, pretrained=pretrained, weights=weights, amplify=stage1_epochs > 0,
                                memory_items=memory_items, temperature=temperature, gate=gate, residual=residual,
@@ -183,7 +189,13 @@ class AAND(DistillationModule, AnomalibModule):
                 foreground=mode, texture_dir=self.hparams.texture_dir,
                 anomaly_probability=self.hparams.anomaly_probability, seed=torch.initial_seed(),
             )
+            state = self.restored_generator_state("synthesizer")
+            if state is not None:
+                self._synthesizer.generator.set_state(state)
         return self._synthesizer
+
+    def random_generators(self) -> dict[str, torch.Generator]:
+        return {} if self._synthesizer is None else {"synthesizer": self._synthesizer.generator}
 
     def check_schedule(self, max_epochs: int | None, max_steps: int) -> None:
         """Refuse a schedule that gives stage 1 no epoch (or step) although it has a share."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from anomalib.data import Batch
@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from distillad.models.base import DistillationModule
 from distillad.models.dmdd.loss import AbnormalityInverseMimickingLoss, NormalityGuidanceLoss, SegmentationLoss
 from distillad.models.dmdd.torch_model import DMDDModel
+from distillad.models.options import AT_LEAST_ONE, COMMON_RULES, NON_NEGATIVE, POSITIVE, Rule
 from distillad.synthesis import AnomalySynthesizer
 
 
@@ -86,6 +87,9 @@ class DMDD(DistillationModule, AnomalibModule):
         pre_processor, post_processor, evaluator, visualizer: anomalib components or flags.
     """
 
+    option_rules: ClassVar[dict[str, Rule]] = {**COMMON_RULES, "msn_lr": POSITIVE, "pretrained_lr_scale": NON_NEGATIVE,
+                                               "top_k": AT_LEAST_ONE, "global_attention_stride": AT_LEAST_ONE}
+
     def __init__(
         self,
         backbone: str = "tf_efficientnet_lite0",
@@ -112,13 +116,6 @@ class DMDD(DistillationModule, AnomalibModule):
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        if global_attention_stride < 1:
-            msg = f"global_attention_stride must be >= 1, got {global_attention_stride}"
-            raise ValueError(msg)
-        if lr <= 0 or msn_lr <= 0 or pretrained_lr_scale < 0:
-            msg = (f"lr and msn_lr must be > 0 and pretrained_lr_scale >= 0; got lr={lr}, msn_lr={msn_lr}, "
-                   f"pretrained_lr_scale={pretrained_lr_scale}")
-            raise ValueError(msg)
         self.init_anomalib_module(image_size, pre_processor, post_processor, evaluator, visualizer)
         self.automatic_optimization = False
         self.model = DMDDModel(backbone, pretrained=pretrained, weights=weights, image_size=tuple(image_size),
@@ -132,6 +129,9 @@ class DMDD(DistillationModule, AnomalibModule):
         self._fas_reported = False
         self.fas_synthesizer = AnomalySynthesizer(foreground="grabcut" if fas else "none", texture_dir=texture_dir,
                                                   seed=seed + 1)
+
+    def random_generators(self) -> dict[str, torch.Generator]:
+        return {"synthesizer": self.synthesizer.generator, "fas_synthesizer": self.fas_synthesizer.generator}
 
     def configure_optimizers(self) -> list[optim.Optimizer]:
         lr = self.hparams.lr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from anomalib.data import AnomalibDataModule, Batch
@@ -18,6 +19,7 @@ from torch import nn, optim
 from distillad.models.base import DistillationModule, held_out_normal_loaders
 from distillad.models.dskd.loss import LOSS_TYPES, DualStudentLoss
 from distillad.models.dskd.torch_model import DSKDModel
+from distillad.models.options import AT_LEAST_ONE, COMMON_RULES, POSITIVE, Rule
 
 
 class DSKD(DistillationModule, AnomalibModule):
@@ -89,6 +91,9 @@ class DSKD(DistillationModule, AnomalibModule):
         pre_processor, post_processor, evaluator, visualizer: anomalib components or flags.
     """
 
+    option_rules: ClassVar[dict[str, Rule]] = {**COMMON_RULES, "temperature": POSITIVE, "gccb_channels": AT_LEAST_ONE,
+                                               "chunk_rows": AT_LEAST_ONE}
+
     def __init__(
         self,
         backbone: str = "tf_efficientnet_lite0",
@@ -109,6 +114,7 @@ class DSKD(DistillationModule, AnomalibModule):
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
+        self.init_anomalib_module(image_size, pre_processor, post_processor, evaluator, visualizer)
         for name, value in (("local_loss", local_loss), ("global_loss", global_loss)):
             if value is not None and value not in LOSS_TYPES:
                 msg = f"{name} must be 'pixel', 'affinity' or None, got {value!r}"
@@ -116,11 +122,6 @@ class DSKD(DistillationModule, AnomalibModule):
         if local_loss is None and global_loss is None:
             msg = "local_loss and global_loss are both None; keep at least one student"
             raise ValueError(msg)
-        if temperature <= 0 or gccb_channels < 1 or chunk_rows < 1:
-            msg = (f"temperature must be > 0, gccb_channels and chunk_rows >= 1; got temperature={temperature}, "
-                   f"gccb_channels={gccb_channels}, chunk_rows={chunk_rows}")
-            raise ValueError(msg)
-        self.init_anomalib_module(image_size, pre_processor, post_processor, evaluator, visualizer)
         self.model = DSKDModel(backbone, pretrained=pretrained, weights=weights, local_loss=local_loss,
                                global_loss=global_loss, gccb=gccb, gccb_channels=gccb_channels,
                                temperature=temperature, sigma=sigma, chunk_rows=chunk_rows)

@@ -1,0 +1,220 @@
+"""Hardening, through the real command line (a subprocess, its exit status and stderr):
+
+- model files are data: a run directory or an export folder whose files carry a code-executing pickle is
+  refused with one line, and the code never runs;
+- truncated checkpoints, a run stopped before calibration, option values of the wrong type or range, a run
+  directory that holds another run and an export folder that cannot be written each get one line, before
+  anything is written;
+- the files a run writes are replaced atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from distillad.storage import atomic_writer, read_checkpoint
+
+CLI = [sys.executable, "-c", "from distillad.cli import main; main()"]
+
+
+def cli(*args: str | Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``distillad ARGS`` in a fresh process (one torch thread, as the tests)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def assert_cli_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    """Exit status 2, no traceback, and one ``distillad: error:`` line that holds every fragment."""
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("distillad: error: ")]
+    assert len(errors) == 1, result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in errors[0], (fragment, errors[0])
+    return errors[0]
+
+
+class RunsCode:
+    """Pickles into a call of ``os.system``: what a hostile model file would carry."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return os.system, (f"touch {self.marker}",)
+
+
+def hostile_checkpoint(path: Path, marker: Path) -> None:
+    """A Lightning-looking checkpoint whose unpickling would create ``marker``; checks that it really would."""
+    torch.save({"state_dict": {}, "hyper_parameters": {"backbone": RunsCode(marker)}}, path)
+    torch.load(path, weights_only=False)  # the trap is real: an unrestricted load runs the command
+    assert marker.exists()
+    marker.unlink()
+
+
+@pytest.fixture
+def run_copy(shared_weld_run, tmp_path: Path) -> Path:
+    """A copy of a finished RD run (64 px, weld subset) that the test may damage."""
+    _, run_dir = shared_weld_run("rd")
+    return Path(shutil.copytree(run_dir, tmp_path / "run"))
+
+
+def test_a_hostile_model_file_never_runs_on_predict_test_export_or_resume(run_copy: Path, shared_data: Path,
+                                                                        tmp_path: Path) -> None:
+    marker = tmp_path / "code-ran"
+    hostile_checkpoint(run_copy / "model.ckpt", marker)
+    hostile_checkpoint(run_copy / "checkpoints" / "last.ckpt", marker)
+    image = next((shared_data / "weld" / "test" / "good").iterdir())
+    for command in (["predict", "--run", run_copy, "--input", image, "--out", tmp_path / "predictions"],
+                    ["test", "--run", run_copy, "--no-heatmaps"],
+                    ["export", "--run", run_copy, "--format", "torch", "--out", tmp_path / "export"]):
+        assert_cli_error(cli(*command), str(run_copy / "model.ckpt"), "not plain data", "posix.system")
+    config = json.loads((run_copy / "config.json").read_text())
+    resume = cli("fit", "--model", "rd", "--root", shared_data, "--category", "weld", "--image-size", "64",
+                 "--epochs", "2", "--batch-size", "4", "--train-limit", "8", "--test-limit", "8", "--no-heatmaps",
+                 "--out", run_copy, "--resume")
+    assert_cli_error(resume, "last.ckpt", "not plain data")
+    assert json.loads((run_copy / "config.json").read_text()) == config
+    assert not marker.exists()
+    assert not (tmp_path / "predictions" / "predictions.csv").exists()
+
+
+@pytest.mark.parametrize("name", ["model.ckpt", "checkpoints/last.ckpt"])
+def test_a_truncated_checkpoint_is_a_one_line_error(name: str, run_copy: Path, shared_data: Path) -> None:
+    path = run_copy / name
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    if name == "model.ckpt":
+        result = cli("test", "--run", run_copy, "--no-heatmaps")
+    else:
+        result = cli("fit", "--model", "rd", "--root", shared_data, "--category", "weld", "--image-size", "64",
+                     "--epochs", "2", "--batch-size", "4", "--train-limit", "8", "--test-limit", "8", "--out", run_copy,
+                     "--resume")
+    assert_cli_error(result, str(path), "truncated or corrupt")
+
+
+def test_a_run_stopped_before_calibration_asks_for_resume(run_copy: Path, tmp_path: Path, shared_data: Path) -> None:
+    config = json.loads((run_copy / "config.json").read_text())
+    (run_copy / "config.json").write_text(json.dumps({**config, "threshold": None}))
+    image = next((shared_data / "weld" / "test" / "good").iterdir())
+    assert_cli_error(cli("predict", "--run", run_copy, "--input", image, "--out", tmp_path / "p"),
+                     "before calibration", "--resume")
+    assert_cli_error(cli("test", "--run", run_copy), "before calibration", "--resume")
+
+
+def test_fit_refuses_a_folder_that_holds_another_run(run_copy: Path, shared_data: Path) -> None:
+    before = {path: path.read_bytes() for path in (run_copy / "config.json", run_copy / "model.ckpt")}
+    common = ["--root", shared_data, "--category", "weld", "--image-size", "64", "--epochs", "2", "--batch-size", "4",
+              "--train-limit", "8", "--test-limit", "8", "--out", run_copy]
+    assert_cli_error(cli("fit", "--model", "dmdd", *common), "already holds a 'rd' run", "--resume", "--overwrite")
+    assert_cli_error(cli("fit", "--model", "dmdd", *common, "--resume"), "model 'rd' -> 'dmdd'", "--overwrite")
+    assert_cli_error(cli("fit", "--model", "rd", *common, "--resume", "--option", "lr=0.001"), "model_options")
+    assert {path: path.read_bytes() for path in before} == before
+
+
+@pytest.mark.parametrize(("option", "fragments"), [
+    ("lr=abc", ("lr='abc'", "a number")),
+    ("lr=-1", ("lr=-1", "> 0")),
+    ("sigma=abc", ("sigma='abc'", "a number")),
+    ("betas=(2,3)", ("betas=(2, 3)", "[0, 1)")),
+])
+def test_option_values_are_checked_before_anything_is_written(option: str, fragments: tuple[str, ...],
+                                                              shared_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = cli("fit", "--model", "rd", "--root", shared_data, "--category", "weld", "--image-size", "64",
+                 "--train-limit", "4", "--option", option, "--out", out)
+    assert_cli_error(result, "'rd'", *fragments)
+    assert not out.exists()
+
+
+def test_export_into_an_unwritable_folder_fails_before_tracing(run_copy: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert_cli_error(cli("export", "--run", run_copy, "--format", "onnx", "--out", blocker / "export"),
+                     "cannot write the export folder", str(blocker / "export" / "onnx"))
+
+
+# --- export folders ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def torch_export(shared_weld_run, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from distillad.export import export_formats
+
+    _, run_dir = shared_weld_run("rd")
+    return export_formats(run_dir, ["torch"], tmp_path_factory.mktemp("export"))["torch"].parent
+
+
+def test_a_hostile_program_archive_never_runs(torch_export: Path, shared_data: Path, tmp_path: Path) -> None:
+    folder = Path(shutil.copytree(torch_export, tmp_path / "torch"))
+    marker = tmp_path / "code-ran"
+    payload = tmp_path / "payload.pt"
+    torch.save((RunsCode(marker),), payload)
+    archive = folder / "model.pt2"
+    original = zipfile.ZipFile(archive)
+    rebuilt = tmp_path / "model.pt2"
+    with zipfile.ZipFile(rebuilt, "w") as target:
+        for item in original.infolist():
+            content = payload.read_bytes() if item.filename.endswith("sample_inputs/model.pt") else original.read(item)
+            target.writestr(item, content)
+    original.close()
+    shutil.move(rebuilt, archive)
+    image = next((shared_data / "weld" / "test" / "good").iterdir())
+    assert_cli_error(cli("predict", "--exported", folder, "--input", image, "--out", tmp_path / "p"),
+                     str(archive), "pickled objects")
+    assert not marker.exists()
+    with contextlib.suppress(Exception):  # the trap is real: torch's loader falls back to an unrestricted load
+        torch.export.load(str(archive))
+    assert marker.exists()
+
+
+def test_export_metadata_cannot_point_outside_its_folder(torch_export: Path, shared_data: Path, tmp_path: Path) -> None:
+    folder = Path(shutil.copytree(torch_export, tmp_path / "torch"))
+    metadata = json.loads((folder / "metadata.json").read_text())
+    (folder / "metadata.json").write_text(json.dumps({**metadata, "file": "../../model.pt2"}))
+    image = next((shared_data / "weld" / "test" / "good").iterdir())
+    assert_cli_error(cli("predict", "--exported", folder, "--input", image, "--out", tmp_path / "p"),
+                     "../../model.pt2", "outside")
+    (folder / "metadata.json").write_text(json.dumps({**metadata, "format": "pickle"}))
+    assert_cli_error(cli("predict", "--exported", folder, "--input", image, "--out", tmp_path / "p"), "'pickle'")
+
+
+def test_a_file_that_is_no_model_for_its_runtime_is_a_one_line_error(tmp_path: Path, shared_data: Path) -> None:
+    (tmp_path / "metadata.json").write_text(json.dumps({"format": "onnx", "file": "model.onnx", "image_size": 64}))
+    (tmp_path / "model.onnx").write_bytes(b"not a protobuf")
+    image = next((shared_data / "weld" / "test" / "good").iterdir())
+    assert_cli_error(cli("predict", "--exported", tmp_path, "--input", image, "--out", tmp_path / "p"),
+                     str(tmp_path / "model.onnx"), "onnx runtime")
+
+
+# --- files -------------------------------------------------------------------------------------------------
+
+
+def test_an_interrupted_write_leaves_the_old_file(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.json"
+    path.write_text("old")
+    with pytest.raises(KeyboardInterrupt), atomic_writer(path) as handle:
+        handle.write("half of the new")
+        raise KeyboardInterrupt
+    assert path.read_text() == "old"
+    assert list(tmp_path.iterdir()) == [path]
+    with atomic_writer(path) as handle:
+        handle.write("new")
+    assert path.read_text() == "new"
+
+
+def test_a_checkpoint_of_plain_data_loads(tmp_path: Path) -> None:
+    path = tmp_path / "plain.ckpt"
+    torch.save({"state_dict": {"weight": torch.ones(2)}, "hyper_parameters": {"image_size": (64, 64)}}, path)
+    loaded = read_checkpoint(path, "fix")
+    assert loaded["hyper_parameters"]["image_size"] == (64, 64)
+    assert torch.equal(loaded["state_dict"]["weight"], torch.ones(2))
