@@ -30,7 +30,6 @@ import csv
 import json
 import logging
 import platform
-import random
 import shutil
 import signal
 import time
@@ -302,8 +301,9 @@ class TrainingClock(Callback):
     """Wall time, epochs and optimiser steps trained in this run of ``fit``, written to ``RUN/training.json``.
 
     Only what this process (or, under DDP, this launch) trained is counted, so a resumed run times its own
-    epochs. Written by global rank 0 at the end of training, because DDP trains in worker processes whose
-    trainer state does not come back to the caller.
+    epochs; a process that trains nothing (resumed from a complete checkpoint) leaves the file as it was.
+    Written by global rank 0 at the end of training, because DDP trains in worker processes whose trainer
+    state does not come back to the caller.
     """
 
     def __init__(self, path: Path) -> None:
@@ -317,52 +317,14 @@ class TrainingClock(Callback):
 
     def on_train_end(self, trainer: Trainer, pl_module: torch.nn.Module) -> None:
         del pl_module
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and trainer.global_step > self.first_step:
             write_json(self.path, {
                 "seconds": time.perf_counter() - self.started, "epochs": trainer.current_epoch - self.first_epoch,
                 "steps": trainer.global_step - self.first_step, "total_steps": trainer.global_step}, indent=None)
 
     def measured(self) -> dict:
-        """What ``on_train_end`` wrote; empty when nothing was trained (the checkpoint was already complete)."""
+        """What the last process that trained this run measured (this one, unless its checkpoint was complete)."""
         return json.loads(self.path.read_text()) if self.path.is_file() else {}
-
-
-class RandomState(Callback):
-    """Carries the global random state (torch, CUDA, numpy, Python) in every checkpoint and puts it back when a
-    resumed run starts its first epoch, where the uninterrupted run was when it wrote that checkpoint: later
-    epochs shuffle, and draw from the global generators, as an uninterrupted run does. Models' own generators
-    travel with the model (:meth:`~distillad.models.base.DistillationModule.random_generators`)."""
-
-    def __init__(self) -> None:
-        self.pending: dict | None = None
-
-    def on_save_checkpoint(self, trainer: Trainer, pl_module: torch.nn.Module, checkpoint: dict) -> None:
-        del trainer, pl_module
-        numpy_state = np.random.get_state()
-        checkpoint["random_state"] = {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": {"keys": torch.from_numpy(numpy_state[1].astype(np.int64)), "position": int(numpy_state[2]),
-                      "has_gauss": int(numpy_state[3]), "cached_gaussian": float(numpy_state[4])},
-            "python": random.getstate(),
-        }
-
-    def on_load_checkpoint(self, trainer: Trainer, pl_module: torch.nn.Module, checkpoint: dict) -> None:
-        del trainer, pl_module
-        self.pending = checkpoint.get("random_state")
-
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: torch.nn.Module) -> None:
-        del trainer, pl_module
-        if self.pending is None:
-            return
-        state, self.pending = self.pending, None
-        torch.set_rng_state(state["torch"])
-        if state["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
-        numpy_state = state["numpy"]
-        np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["position"],
-                             numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
-        random.setstate(state["python"])
 
 
 def validation_curve(run_dir: Path) -> list[dict]:
@@ -397,7 +359,7 @@ def _trainer(config: RunConfig, run_dir: Path, model: torch.nn.Module, clock: Tr
     schedule = ({"max_steps": config.max_steps, "max_epochs": -1} if config.max_steps
                 else {"max_epochs": config.epochs})
     arguments = {**model.trainer_arguments, **schedule, "default_root_dir": run_dir,
-                 "callbacks": [checkpoint, clock, RandomState()], "logger": CSVLogger(run_dir, name="logs"),
+                 "callbacks": [checkpoint, clock], "logger": CSVLogger(run_dir, name="logs"),
                  "limit_val_batches": 0, "deterministic": "warn", "enable_model_summary": False, "precision": config.precision,
                  "accelerator": config.accelerator, "devices": config.devices, "strategy": _strategy(config)}
     return Trainer(**arguments)
@@ -482,7 +444,6 @@ def fit(config: RunConfig, run_dir: Path, resume: bool = False, train_limit: int
     run_dir.mkdir(parents=True, exist_ok=True)
     config.save(run_dir)
     clock = TrainingClock(run_dir / "training.json")
-    clock.path.unlink(missing_ok=True)  # a checkpoint that was already complete trains nothing and writes nothing
     trainer = _trainer(config, run_dir, model, clock)
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=last, weights_only=True)
@@ -504,7 +465,7 @@ def fit(config: RunConfig, run_dir: Path, resume: bool = False, train_limit: int
     metrics = test(run_dir, model=model, config=config, datamodule=datamodule, heatmaps=heatmaps)
     metrics.update(model.training_report(datamodule, *schedule))
     metrics["validation_curve"] = validation_curve(run_dir)
-    if trained.get("steps"):  # else keep what an earlier, interrupted process measured (in metrics.json, if any)
+    if trained.get("steps"):
         metrics["train_seconds"] = trained["seconds"]
         metrics["train_steps"] = trained["total_steps"]
         metrics["seconds_per_step"] = trained["seconds"] / trained["steps"]

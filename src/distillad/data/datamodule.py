@@ -196,6 +196,7 @@ class DistilladDataModule(AnomalibDataModule):
         self.test_limit = test_limit
         self._samples = samples
         self.category = category
+        self.shuffle_generator = torch.Generator().manual_seed(seed)
 
     @property
     def samples(self) -> pd.DataFrame:
@@ -231,6 +232,28 @@ class DistilladDataModule(AnomalibDataModule):
         order = torch.randperm(count, generator=torch.Generator().manual_seed(self.seed)).tolist()
         self.val_data = self.train_data.subsample(sorted(order[:n_val]))
         self.train_data = self.train_data.subsample(sorted(order[n_val:]))
+
+    def train_dataloader(self) -> DataLoader:
+        """The training images in a new order every epoch, drawn from the datamodule's own generator.
+
+        anomalib's loader shuffles with torch's global generator, which Lightning draws from at points that
+        differ between a fresh and a resumed run (a resumed run builds its first iterator before any hook can
+        restore the global state), so a resumed run saw other batches. This generator's state travels in
+        checkpoints (:meth:`state_dict`), so a resumed run shuffles its next epochs exactly as an
+        uninterrupted one.
+        """
+        return DataLoader(dataset=self.train_data, shuffle=True, batch_size=self.train_batch_size,
+                          num_workers=self.num_workers, generator=self.shuffle_generator,
+                          collate_fn=self.external_collate_fn or self.train_data.collate_fn)
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps of the datamodule: the shuffling generator's state."""
+        return {"shuffle_generator": self.shuffle_generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Continue the shuffling sequence of the run that wrote the checkpoint."""
+        if "shuffle_generator" in state_dict:
+            self.shuffle_generator.set_state(state_dict["shuffle_generator"])
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         """The validation loader, or an empty list (Lightning then skips validation) without a split."""

@@ -140,6 +140,10 @@ class DSKDModel(nn.Module):
         self.teacher_cache = FrozenFeatureCache()  # training images repeat every epoch; not in the state dict
         self.register_buffer("standardized", torch.tensor(False))  # set by fit_standardization, saved with mu/sigma
         channels_last(self)
+        # The global student's stage is a copy of the teacher's, made in eval mode; Lightning keeps the modes it
+        # finds, so without this its BatchNorm ran on running statistics until the first validation switched it
+        # (and a resumed run, built fresh, trained that epoch differently).
+        self.train()
 
     def train(self, mode: bool = True) -> DSKDModel:
         keep_frozen_in_eval(self, mode, [self.encoder])
