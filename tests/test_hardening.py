@@ -218,3 +218,48 @@ def test_a_checkpoint_of_plain_data_loads(tmp_path: Path) -> None:
     loaded = read_checkpoint(path, "fix")
     assert loaded["hyper_parameters"]["image_size"] == (64, 64)
     assert torch.equal(loaded["state_dict"]["weight"], torch.ones(2))
+
+
+def test_every_unreadable_file_is_reported_before_training(shared_data: Path, tmp_path: Path) -> None:
+    weld = shared_data / "weld"
+    root = tmp_path / "data" / "weld"
+    for split in ("train/good", "test/good", "test/defective", "ground_truth/defective"):
+        (root / split).mkdir(parents=True)
+    for image in sorted((weld / "train" / "good").iterdir())[:6]:
+        shutil.copy(image, root / "train" / "good")
+    shutil.copy(next((weld / "test" / "good").iterdir()), root / "test" / "good")
+    defective = sorted((weld / "test" / "defective").iterdir())[:2]
+    for image in defective:
+        shutil.copy(image, root / "test" / "defective")
+        mask = next((weld / "ground_truth" / "defective").glob(f"{image.stem}*"))
+        shutil.copy(mask, root / "ground_truth" / "defective")
+    bad = [root / "train" / "good" / "zz_truncated.png", root / "train" / "good" / "zz_empty.png",
+           root / "ground_truth" / "defective" / next((weld / "ground_truth" / "defective").glob(f"{defective[0].stem}*")).name]
+    bad[0].write_bytes(defective[0].read_bytes()[:60])
+    bad[1].write_bytes(b"")
+    bad[2].write_bytes(b"not a png")
+    out = tmp_path / "run"
+    result = cli("fit", "--model", "rd", "--root", tmp_path / "data", "--category", "weld", "--image-size", "64",
+                 "--out", out)
+    assert_cli_error(result, "3 file(s) cannot be read", *map(str, bad))
+    assert not out.exists()
+
+
+def test_ctrl_c_during_training_says_how_to_resume(shared_data: Path, tmp_path: Path) -> None:
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    process = subprocess.Popen([*CLI, "fit", "--model", "rd", "--root", str(shared_data), "--category", "weld",
+                                "--image-size", "64", "--epochs", "200", "--batch-size", "4", "--train-limit", "8",
+                                "--test-limit", "8", "--no-heatmaps", "--out", str(out)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 300
+    while not (out / "checkpoints" / "last.ckpt").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert "distillad: interrupted; rerun the same 'distillad fit' command with --resume" in stderr

@@ -433,6 +433,7 @@ def fit(config: RunConfig, run_dir: Path, resume: bool = False, train_limit: int
     seed_everything(config.seed, workers=True, verbose=False)
     datamodule = build_datamodule(config, train_limit, test_limit)
     datamodule.setup()
+    datamodule.check_files()
     model = build_model(config)
     schedule = (config.epochs, config.max_steps or -1)
     try:

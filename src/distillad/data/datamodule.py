@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import Resize, Transform
 
-from distillad.data.io import read_image, read_mask
+from distillad.data.io import check_readable, read_image, read_mask
 from distillad.data.samples import SAMPLE_COLUMNS, folder_samples, mvtec_samples
 from distillad.errors import DistilladError
 
@@ -232,6 +232,19 @@ class DistilladDataModule(AnomalibDataModule):
         order = torch.randperm(count, generator=torch.Generator().manual_seed(self.seed)).tolist()
         self.val_data = self.train_data.subsample(sorted(order[:n_val]))
         self.train_data = self.train_data.subsample(sorted(order[n_val:]))
+
+    def check_files(self) -> None:
+        """Decode every image of the splits, and the mask of every anomalous test image, once; all unreadable
+        files are reported in one error (:func:`~distillad.data.io.check_readable`)."""
+        files = []
+        for dataset in (getattr(self, name, None) for name in ("train_data", "val_data", "test_data")):
+            if dataset is None:
+                continue
+            for row in dataset.samples.itertuples():
+                files.append((row.image_path, "image"))
+                if int(row.label_index) == LabelName.ABNORMAL and isinstance(row.mask_path, str) and row.mask_path:
+                    files.append((row.mask_path, "mask"))
+        check_readable(files)
 
     def train_dataloader(self) -> DataLoader:
         """The training images in a new order every epoch, drawn from the datamodule's own generator.

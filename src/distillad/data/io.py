@@ -13,6 +13,8 @@ image and its mask always share the same pixel grid.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -126,3 +128,25 @@ def read_mask(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarr
         height, width = size
         mask = cv2.resize(mask, (int(width), int(height)), interpolation=cv2.INTER_NEAREST)
     return mask
+
+
+def check_readable(files: Iterable[tuple[str | Path, str]], threads: int = 4) -> None:
+    """Decode every ``(path, kind)`` once (``kind``: ``"image"`` or ``"mask"``) and report every file that fails in
+    one :class:`DistilladError`, so a bad file is found before training, not in the middle of it.
+
+    OpenCV releases the GIL while decoding, so ``threads`` decode in parallel.
+    """
+
+    def failure(item: tuple[str | Path, str]) -> str | None:
+        try:
+            _decode(*item)
+        except DistilladError as error:
+            return str(error).removeprefix("cannot read ").removesuffix("; remove or replace the file")
+        return None
+
+    with ThreadPoolExecutor(threads) as pool:
+        failures = [reason for reason in pool.map(failure, list(files)) if reason is not None]
+    if failures:
+        shown = "; ".join(failures[:5]) + (f"; and {len(failures) - 5} more" if len(failures) > 5 else "")
+        msg = f"{len(failures)} file(s) cannot be read: {shown}; remove or replace them and rerun"
+        raise DistilladError(msg)
