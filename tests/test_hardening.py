@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import os
 import shutil
@@ -263,3 +264,31 @@ def test_ctrl_c_during_training_says_how_to_resume(shared_data: Path, tmp_path: 
     assert process.returncode == 130, stderr[-2000:]
     assert "Traceback" not in stderr
     assert "distillad: interrupted; rerun the same 'distillad fit' command with --resume" in stderr
+
+
+def test_the_threshold_is_the_quantile_of_the_held_out_and_calibration_images(shared_data: Path,
+                                                                               tmp_path: Path) -> None:
+    from distillad.pipeline import RunConfig, build_datamodule
+
+    extra = tmp_path / "more-normal"
+    extra.mkdir()
+    for image in sorted((shared_data / "mtd" / "train" / "good").iterdir())[:5]:
+        shutil.copy(image, extra)
+    out = tmp_path / "run"
+    result = cli("fit", "--model", "rd", "--root", shared_data, "--category", "weld", "--image-size", "64",
+                 "--epochs", "1", "--batch-size", "4", "--train-limit", "8", "--test-limit", "8", "--no-heatmaps",
+                 "--false-alarm-rate", "0.2", "--calibration-dir", extra, "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "the decision threshold rests on 6 normal image(s) only" in result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["calibration_images"], metrics["false_alarm_rate"]) == (6, 0.2)
+    datamodule = build_datamodule(RunConfig.load(out), train_limit=8)
+    datamodule.setup()
+    held_out = [row.image_path for row in datamodule.val_data.samples.itertuples()]
+    assert len(held_out) == 1
+    predicted = cli("predict", "--run", out, "--input", *held_out, extra, "--out", tmp_path / "p", "--no-heatmaps")
+    assert "threshold from 6 normal images" in predicted.stdout
+    with (tmp_path / "p" / "predictions.csv").open() as handle:
+        scores = torch.tensor([float(row["score"]) for row in csv.DictReader(handle)], dtype=torch.float64)
+    assert metrics["threshold"] == pytest.approx(float(torch.quantile(scores, 0.8)), abs=1e-5)
+    assert metrics["threshold"] != pytest.approx(float(torch.quantile(scores, 0.99)), abs=1e-5)

@@ -39,6 +39,14 @@ def _image_size(text: str) -> int:
     return value
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        msg = f"must be a number in [0, 1), got {text}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
 def _option(text: str) -> tuple[str, object]:
     if "=" not in text:
         msg = f"expected KEY=VALUE, got '{text}'"
@@ -121,6 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--normal-test-dir", type=Path, help="folder of normal test images (with --normal-dir)")
     fit.add_argument("--preset", choices=["paper"], help="'paper': the paper's backbone, image size and epochs")
     _add_training_options(fit, DEFAULT_FIT_EPOCHS)
+    calibration = fit.add_argument_group(
+        "decision threshold (the (1 - false-alarm rate) quantile of held-out normal image scores; see README)")
+    calibration.add_argument("--false-alarm-rate", type=_fraction, default=0.01,
+                             help="share of normal images the threshold may flag (default: 0.01)")
+    calibration.add_argument("--val-split-ratio", type=_fraction, default=0.1,
+                             help="share of the normal training images held out from training to calibrate the "
+                                  "threshold (default: 0.1)")
+    calibration.add_argument("--calibration-dir", type=Path,
+                             help="extra normal images (never trained on) to calibrate the threshold with")
     fit.add_argument("--weights", type=Path, help="explicit encoder weights file (state_dict)")
     fit.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes (default: 0)")
     fit.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
@@ -140,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict = commands.add_parser("predict", help="score images with a trained run or an exported model",
                                   description="Writes OUT/predictions.csv (path, score, normalized_score, is_anomalous, "
                                               "error) row by row and OUT/heatmaps/*.png. is_anomalous uses the threshold "
-                                              "calibrated at fit time (99th percentile of held-out normal scores); "
+                                              "calibrated at fit time (the 99th percentile of held-out normal scores by default, "
+                                              "see fit --false-alarm-rate); "
                                               "normalized_score maps it to 0.5 (empty for runs saved without a score floor). "
                                               "--exported runs an export folder in its runtime instead of the PyTorch "
                                               "checkpoint (no Lightning module involved).")
@@ -219,6 +237,9 @@ def _fit_config(args: argparse.Namespace):
         batch_size=args.batch_size or preset.get("batch_size", DEFAULT_BATCH_SIZE),
         seed=args.seed,
         num_workers=args.num_workers,
+        val_split_ratio=args.val_split_ratio,
+        false_alarm_rate=args.false_alarm_rate,
+        calibration_dir=str(args.calibration_dir) if args.calibration_dir else None,
         **_trainer_settings(args),
     )
 
@@ -274,7 +295,8 @@ def _predict(args: argparse.Namespace) -> None:
 
         summary = pipeline.predict(args.run, args.input, args.out, args.batch_size, args.num_workers,
                                    args.component_maps, heatmaps=not args.no_heatmaps, threads=args.threads)
-    print(f"{summary.images} images, {summary.anomalous} anomalous, {summary.unreadable} unreadable; "
+    basis = f" (threshold from {summary.calibration_images} normal images)" if summary.calibration_images else ""
+    print(f"{summary.images} images, {summary.anomalous} anomalous{basis}, {summary.unreadable} unreadable; "
           f"see {summary.csv_path}")
 
 

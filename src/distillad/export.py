@@ -264,6 +264,7 @@ def parity_images(run_dir: Path, config: RunConfig, images: Sequence[str | Path]
 def _run_metadata(run_dir: Path, config: RunConfig) -> dict:
     return {"model": config.model, "backbone": config.backbone, "model_options": config.model_options,
             "threshold": config.threshold, "score_floor": config.score_floor, "map_range": list(config.map_range),
+            "false_alarm_rate": config.false_alarm_rate, "calibration_images": config.calibration_images,
             "run": str(Path(run_dir).resolve())}
 
 

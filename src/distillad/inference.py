@@ -10,9 +10,10 @@ writes every ``predictions.csv`` row as soon as its batch is scored (into a temp
 keeps no maps or rows, so memory does not grow with the number of images. Unreadable files get an
 ``error`` row and the run goes on. Images are resized to S x S with antialiasing, as in training and testing.
 
-Calibrated decisions. The decision threshold (``is_anomalous``) is the 99th percentile (linear
-interpolation) of the image scores of a run's held-out normal training images: it flags about 1% of
-normal images and never looks at test labels. ``normalized_score`` in [0, 1] maps the lowest held-out
+Calibrated decisions. The decision threshold (``is_anomalous``) is the (1 - false-alarm rate) quantile,
+the 99th percentile by default (linear interpolation), of the image scores of a run's held-out normal
+training images (and of any ``--calibration-dir``): it flags about 1% of normal images and never looks at
+test labels. ``normalized_score`` in [0, 1] maps the lowest held-out
 normal score to 0 and the threshold to 0.5, linearly, and clips at 1 (anomalib's min-max rule with the
 threshold at 0.5; the maximum is taken symmetric to the minimum because no anomalous image is seen
 before testing), so ``normalized_score >= 0.5`` is exactly ``is_anomalous``.
@@ -147,6 +148,7 @@ class Scorer:
     threshold: float
     map_range: tuple[float, float]
     normalize: Callable[[torch.Tensor], torch.Tensor] | None = None
+    calibration_images: int | None = None
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,7 @@ class PredictionSummary:
     anomalous: int
     unreadable: int
     csv_path: Path
+    calibration_images: int | None = None
 
 
 def predict_images(scorer: Scorer, inputs: list[str | Path], out_dir: Path, batch_size: int = 16, num_workers: int = 0,
@@ -201,7 +204,7 @@ def predict_images(scorer: Scorer, inputs: list[str | Path], out_dir: Path, batc
                 good_index += 1
             handle.flush()
             progress.update(len(batch_paths))
-    return PredictionSummary(len(paths), anomalous, unreadable, csv_path)
+    return PredictionSummary(len(paths), anomalous, unreadable, csv_path, scorer.calibration_images)
 
 
 def _write_pictures(out_dir: Path, path: str, name: str, anomaly_map: np.ndarray, components: dict[str, np.ndarray] | None,
@@ -240,5 +243,6 @@ def predict_exported(export_dir: Path, inputs: list[str | Path], out_dir: Path, 
         return (*model(images.numpy()), None)
 
     scorer = Scorer(score_batch, model.image_size, threshold, tuple(model.metadata["map_range"]),
-                    score_normalizer(threshold, model.metadata.get("score_floor")))
+                    score_normalizer(threshold, model.metadata.get("score_floor")),
+                    model.metadata.get("calibration_images"))
     return predict_images(scorer, inputs, out_dir, batch_size, num_workers, heatmaps)

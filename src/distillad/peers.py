@@ -120,7 +120,7 @@ def run_peer(config, run_dir: Path, train_limit: int | None = None,
     """Fit peer ``config.model`` on ``config``'s data and test it like :func:`distillad.pipeline.fit`; writes
     ``config.json``, ``metrics.json``, ``test_scores.csv`` and ``curves.json`` into ``run_dir``. Returns the
     metrics and the fitted model."""
-    from distillad.pipeline import build_datamodule, calibrate, collect, test, versions
+    from distillad.pipeline import build_datamodule, calibrate_run, test, versions
 
     if config.model not in PEERS:
         raise DistilladError(f"unknown peer '{config.model}'; choose from {', '.join(sorted(PEERS))}")
@@ -147,12 +147,7 @@ def run_peer(config, run_dir: Path, train_limit: int | None = None,
     train_seconds = time.perf_counter() - started
 
     scorer = _Scorer(model)
-    has_val = len(datamodule.val_data) > 0
-    calibration = calibrate(collect(scorer, datamodule.val_dataloader() if has_val else datamodule.train_dataloader(),
-                                    "calibrating"))
-    config.threshold, config.score_floor, config.map_range = (calibration.threshold, calibration.score_floor,
-                                                              calibration.map_range)
-    config.threshold_source = "held-out normal images" if has_val else "training images (no held-out split)"
+    calibrate_run(scorer, config, datamodule)
     config.test_limit = test_limit
     config.versions = versions()
     config.save(run_dir)

@@ -17,9 +17,11 @@ Training runs in Lightning's ``Trainer`` with the run's ``precision`` (``32``, `
 total over the devices), for ``epochs`` or, when given, ``max_steps`` optimiser steps. Calibration, test and
 inference run in float32 in the calling process.
 
-Calibration (rule in :mod:`distillad.inference`): at the end of ``fit`` the decision threshold and the
-normalisation floor come from the held-out normal training images (``val_split_ratio`` of train/good, 10%
-by default), or from the training images when none are held out. The F1-optimal threshold on the test
+Calibration (rule in :mod:`distillad.inference`): at the end of ``fit`` the decision threshold (the
+``1 - false_alarm_rate`` quantile of normal scores) and the normalisation floor come from the held-out normal
+training images (``val_split_ratio`` of train/good, 10% by default), or from the training images when none
+are held out, plus the images of ``calibration_dir``; ``calibration_images`` says how many, and fewer than
+:data:`MIN_CALIBRATION_IMAGES` draw a warning. The F1-optimal threshold on the test
 split is reported beside it in ``metrics.json`` but never used for decisions, because it looks at test
 labels.
 """
@@ -52,11 +54,15 @@ from torchvision.transforms.v2.functional import resize
 from tqdm.auto import tqdm
 
 from distillad.data import FolderLayout, MVTecLayout, read_image
+from distillad.data.io import check_readable
 from distillad.errors import DistilladError
 from distillad.inference import (
+    ImageFiles,
     PredictionSummary,
     Scorer,
+    collate,
     decision_threshold,
+    expand_inputs,
     overlay,
     predict_images,
     score_normalizer,
@@ -90,8 +96,12 @@ class RunConfig:
     accelerator: str = "auto"
     devices: int = 1
     strategy: str = "auto"
+    val_split_ratio: float = 0.1
+    false_alarm_rate: float = 0.01
+    calibration_dir: str | None = None
     threshold: float | None = None
     threshold_source: str = ""
+    calibration_images: int | None = None
     score_floor: float | None = None
     map_range: tuple[float, float] = (0.0, 1.0)
     versions: dict = field(default_factory=dict)
@@ -125,6 +135,12 @@ class RunConfig:
         if self.accelerator == "gpu" and torch.cuda.device_count() < self.devices:
             problems.append(f"--accelerator gpu with {self.devices} device(s), but {torch.cuda.device_count()} CUDA GPU(s) "
                             "are visible; use --accelerator cpu (or auto), or fewer --devices")
+        if not 0 <= self.val_split_ratio < 1:
+            problems.append(f"val_split_ratio must be in [0, 1), got {self.val_split_ratio}")
+        if not 0 < self.false_alarm_rate < 0.5:
+            problems.append(f"false_alarm_rate must be in (0, 0.5), got {self.false_alarm_rate}")
+        if self.calibration_dir is not None and not Path(self.calibration_dir).is_dir():
+            problems.append(f"calibration_dir {self.calibration_dir} is not a folder; pass a folder of normal images")
         if self.max_steps is not None and self.max_steps < 1:
             problems.append(f"max_steps must be >= 1, got {self.max_steps}")
         if problems:
@@ -161,6 +177,7 @@ def build_datamodule(config: RunConfig, train_limit: int | None = None, test_lim
     kind = data.pop("kind")
     common = {"image_size": (config.image_size, config.image_size), "train_batch_size": config.device_batch_size,
               "eval_batch_size": config.batch_size, "num_workers": config.num_workers, "seed": config.seed,
+              "val_split_ratio": config.val_split_ratio,
               "train_limit": train_limit, "test_limit": test_limit}
     if kind == "mvtec":
         return MVTecLayout(data["root"], data["category"], **common)
@@ -243,11 +260,53 @@ class Calibration:
     map_range: tuple[float, float]
 
 
-def calibrate(normal: Predictions) -> Calibration:
-    """Decision threshold, normalisation floor and overlay range from held-out normal predictions."""
-    threshold = decision_threshold(normal.scores)
+def calibrate(normal: Predictions, false_alarm_rate: float = 0.01) -> Calibration:
+    """Decision threshold (the ``1 - false_alarm_rate`` quantile of the scores), normalisation floor and overlay
+    range from held-out normal predictions."""
+    threshold = decision_threshold(normal.scores, 1 - false_alarm_rate)
     low = float(torch.quantile(normal.maps.flatten()[:: max(1, normal.maps.numel() // 1_000_000)].double(), 0.01))
     return Calibration(threshold, float(normal.scores.min()), (low, max(threshold, low + 1e-6)))
+
+
+@torch.no_grad()
+def collect_folder(model: torch.nn.Module, folder: Path, image_size: int, batch_size: int) -> Predictions:
+    """Scores and maps of the images in ``folder``, read and resized as ``predict`` reads them."""
+    paths = expand_inputs([folder])
+    check_readable((path, "image") for path in paths)
+    scores, maps = [], []
+    for _, images, _ in DataLoader(ImageFiles(paths, image_size), batch_size=batch_size, collate_fn=collate):
+        output = model.model(model.model_inputs(images))
+        scores.append(output.pred_score.float().cpu())
+        maps.append(output.anomaly_map.float().cpu())
+    return Predictions([str(path) for path in paths], torch.cat(scores), torch.cat(maps))
+
+
+#: Fewer held-out normal images than this and the CLI warns that the threshold is a rough guess: a quantile
+#: estimated from n scores moves by about one score's gap whenever one image is added or removed.
+MIN_CALIBRATION_IMAGES = 20
+
+
+def calibrate_run(model: torch.nn.Module, config: RunConfig, datamodule) -> None:
+    """Calibrate ``config`` (threshold, floor, overlay range, their source and image count) on the held-out
+    normal training images, or the training images when none are held out, plus ``config.calibration_dir``."""
+    has_val = getattr(datamodule, "val_data", None) is not None and len(datamodule.val_data) > 0
+    normal = collect(model, datamodule.val_dataloader() if has_val else datamodule.train_dataloader(), "calibrating")
+    sources = ["held-out normal images" if has_val else "training images (no held-out split)"]
+    if config.calibration_dir is not None:
+        extra = collect_folder(model, Path(config.calibration_dir), config.image_size, config.batch_size)
+        normal = Predictions(normal.paths + extra.paths, torch.cat([normal.scores, extra.scores]),
+                             torch.cat([normal.maps, extra.maps]))
+        sources.append(f"normal images in {config.calibration_dir}")
+    calibration = calibrate(normal, config.false_alarm_rate)
+    config.threshold, config.score_floor, config.map_range = (calibration.threshold, calibration.score_floor,
+                                                              calibration.map_range)
+    config.threshold_source, config.calibration_images = " and ".join(sources), len(normal.paths)
+    if len(normal.paths) < MIN_CALIBRATION_IMAGES:
+        logging.getLogger(__name__).warning(
+            "the decision threshold rests on %d normal image(s) only (fewer than %d), so the false-alarm rate it "
+            "aims at (%g) is a rough guess; give more with --calibration-dir FOLDER (normal images not used for "
+            "training) or a larger --val-split-ratio", len(normal.paths), MIN_CALIBRATION_IMAGES,
+            config.false_alarm_rate)
 
 
 def evaluate(predictions: Predictions, threshold: float) -> dict:
@@ -367,7 +426,7 @@ def _trainer(config: RunConfig, run_dir: Path, model: torch.nn.Module, clock: Tr
 
 #: Settings a ``--resume`` must share with the run it continues (the schedule and devices may change).
 RESUME_KEYS = ("model", "model_options", "data", "backbone", "pretrained", "weights", "image_size", "batch_size", "seed",
-               "train_limit")
+               "train_limit", "val_split_ratio")
 #: What ``fit`` writes into a run directory, and so what ``--overwrite`` removes (nothing else is touched).
 RUN_ENTRIES = ("config.json", "model.ckpt", "training.json", "metrics.json", "test_scores.csv", "curves.json",
                "checkpoints", "logs", "heatmaps", "export")
@@ -457,11 +516,7 @@ def fit(config: RunConfig, run_dir: Path, resume: bool = False, train_limit: int
     model.cpu()
     trainer.save_checkpoint(run_dir / "model.ckpt")
     model.eval()
-    has_val = getattr(datamodule, "val_data", None) is not None and len(datamodule.val_data) > 0
-    normal_loader = datamodule.val_dataloader() if has_val else datamodule.train_dataloader()
-    calibration = calibrate(collect(model, normal_loader, "calibrating"))
-    config.threshold, config.score_floor, config.map_range = calibration.threshold, calibration.score_floor, calibration.map_range
-    config.threshold_source = "held-out normal images" if has_val else "training images (no held-out split)"
+    calibrate_run(model, config, datamodule)
     config.save(run_dir)
     metrics = test(run_dir, model=model, config=config, datamodule=datamodule, heatmaps=heatmaps)
     metrics.update(model.training_report(datamodule, *schedule))
@@ -496,7 +551,8 @@ def test(run_dir: Path, model: torch.nn.Module | None = None, config: RunConfig 
     metrics["test_ms_per_image"] = 1000 * seconds / len(predictions.paths)
     metrics.update({"model": config.model, "backbone": config.backbone, "image_size": config.image_size,
                     "epochs": config.epochs, "max_steps": config.max_steps, "precision": config.precision,
-                    "devices": config.devices, "seed": config.seed})
+                    "devices": config.devices, "seed": config.seed, "false_alarm_rate": config.false_alarm_rate,
+                    "calibration_images": config.calibration_images, "threshold_source": config.threshold_source})
     with atomic_writer(run_dir / "test_scores.csv", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "label", "score", "normalized_score", "is_anomalous"])
@@ -537,5 +593,5 @@ def predict(run_dir: Path, inputs: list[str | Path], out_dir: Path, batch_size: 
         return output.anomaly_map.numpy(), output.pred_score.numpy(), parts
 
     return predict_images(Scorer(score_batch, config.image_size, config.threshold, tuple(config.map_range),
-                                 score_normalizer(config.threshold, config.score_floor)),
+                                 score_normalizer(config.threshold, config.score_floor), config.calibration_images),
                           inputs, out_dir, batch_size, num_workers, heatmaps, component_maps)
