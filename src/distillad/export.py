@@ -269,7 +269,8 @@ def _run_metadata(run_dir: Path, config: RunConfig) -> dict:
 
 
 def _check_writable(folder: Path) -> None:
-    """Create ``folder`` and write a probe file in it, so a bad ``--out`` fails before the slow trace."""
+    """Create ``folder`` and write a probe file in it, so a bad ``--out`` fails before the slow trace (after the
+    run loaded, so a run that cannot be exported leaves no folder behind)."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
@@ -282,9 +283,9 @@ def _check_writable(folder: Path) -> None:
 def _export_run(run_dir: str | Path, out_dirs: dict[str, Path], images: Sequence[str | Path] | None,
                 threads: int | None) -> dict[str, Path]:
     _check_formats(list(out_dirs))
+    module, config = load_model(Path(run_dir))
     for folder in out_dirs.values():
         _check_writable(Path(folder))
-    module, config = load_model(Path(run_dir))
     return export_model(module.model, config.image_size, out_dirs, parity_images(run_dir, config, images),
                         _run_metadata(run_dir, config), threads)
 

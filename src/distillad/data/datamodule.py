@@ -32,6 +32,7 @@ from torchvision.transforms.v2 import Resize, Transform
 from distillad.data.io import check_readable, read_image, read_mask
 from distillad.data.samples import SAMPLE_COLUMNS, folder_samples, mvtec_samples
 from distillad.errors import DistilladError
+from distillad.generators import GeneratorsPickleAsBytes
 
 
 class SampleTableDataset(AnomalibDataset):
@@ -138,7 +139,7 @@ def _subset(samples: pd.DataFrame, limit: int, seed: int, stratify: bool) -> pd.
     return samples.iloc[np.sort(np.concatenate(picked))]
 
 
-class DistilladDataModule(AnomalibDataModule):
+class DistilladDataModule(GeneratorsPickleAsBytes, AnomalibDataModule):
     """anomalib/Lightning datamodule over a sample table.
 
     Args:

@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 
 from distillad.errors import DistilladError
+from distillad.generators import GeneratorsPickleAsBytes
 from distillad.synthesis._random import randint, uniform
 from distillad.synthesis.foreground import ForegroundCache
 from distillad.synthesis.perlin import perlin_mask, random_ellipse_mask
@@ -39,7 +40,7 @@ class SynthesisResult(NamedTuple):
     """(B, 1, H, W) float in {0, 1}, all zero for samples left normal."""
 
 
-class AnomalySynthesizer:
+class AnomalySynthesizer(GeneratorsPickleAsBytes):
     """Synthetic anomalies inside the foreground, deterministic under ``seed``.
 
     Args:
@@ -75,19 +76,6 @@ class AnomalySynthesizer:
         self.beta_range = (float(low), float(high))
         self.anomaly_probability = float(anomaly_probability)
         self.generator = torch.Generator().manual_seed(seed)
-
-    def __getstate__(self) -> dict:
-        # A pickled torch.Generator carries its state as a tensor in shared memory, which the processes that
-        # DDP spawns fail to map; plain bytes travel anywhere.
-        state = dict(self.__dict__)
-        state["generator"] = bytes(self.generator.get_state().numpy())
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        generator_state = state.pop("generator")
-        self.__dict__.update(state)
-        self.generator = torch.Generator()
-        self.generator.set_state(torch.frombuffer(bytearray(generator_state), dtype=torch.uint8))
 
     def anomaly_mask(self, foreground: torch.Tensor) -> torch.Tensor:
         """A non-empty Perlin mask inside ``foreground`` (bool (H, W), non-empty), float (H, W) in {0, 1}.
