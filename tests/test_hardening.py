@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from distillad.storage import atomic_writer, read_checkpoint
+from test_cli import assert_one_line_error, run_main
 
 CLI = [sys.executable, "-c", "from distillad.cli import main; main()"]
 
@@ -120,20 +121,25 @@ def test_fit_refuses_a_folder_that_holds_another_run(run_copy: Path, shared_data
     assert_cli_error(cli("fit", "--model", "dmdd", *common, "--resume"), "model 'rd' -> 'dmdd'", "--overwrite")
     assert_cli_error(cli("fit", "--model", "rd", *common, "--resume", "--option", "lr=0.001"), "model_options")
     assert {path: path.read_bytes() for path in before} == before
+    (run_copy / "export").mkdir()
+    (run_copy / "notes.txt").write_text("the user's own file")
+    replaced = cli("fit", "--model", "rd", *common, "--no-heatmaps", "--option", "lr=0.001", "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr[-2000:]
+    assert json.loads((run_copy / "config.json").read_text())["model_options"] == {"lr": 0.001}
+    assert not (run_copy / "export").exists()
+    assert (run_copy / "notes.txt").read_text() == "the user's own file"
 
 
-@pytest.mark.parametrize(("option", "fragments"), [
-    ("lr=abc", ("lr='abc'", "a number")),
-    ("lr=-1", ("lr=-1", "> 0")),
-    ("sigma=abc", ("sigma='abc'", "a number")),
-    ("betas=(2,3)", ("betas=(2, 3)", "[0, 1)")),
-])
-def test_option_values_are_checked_before_anything_is_written(option: str, fragments: tuple[str, ...],
-                                                              shared_data: Path, tmp_path: Path) -> None:
+def test_option_values_are_checked_before_anything_is_written(shared_data: Path, tmp_path: Path, monkeypatch,
+                                                              capsys) -> None:
     out = tmp_path / "run"
-    result = cli("fit", "--model", "rd", "--root", shared_data, "--category", "weld", "--image-size", "64",
-                 "--train-limit", "4", "--option", option, "--out", out)
-    assert_cli_error(result, "'rd'", *fragments)
+    common = ["--model", "rd", "--root", shared_data, "--category", "weld", "--image-size", "64", "--train-limit", "4",
+              "--out", out]
+    assert_cli_error(cli("fit", *common, "--option", "lr=abc"), "'rd'", "lr='abc'", "a number")
+    for option, fragments in (("lr=-1", ("lr=-1", "> 0")), ("sigma=abc", ("sigma='abc'", "a number")),
+                              ("betas=(2,3)", ("betas=(2, 3)", "[0, 1)"))):
+        err = run_main(monkeypatch, capsys, ["fit", *map(str, common), "--option", option])
+        assert_one_line_error(err, "'rd'", *fragments)
     assert not out.exists()
 
 
