@@ -195,12 +195,19 @@ def test_export_metadata_cannot_point_outside_its_folder(torch_export: Path, sha
     assert_cli_error(cli("predict", "--exported", folder, "--input", image, "--out", tmp_path / "p"), "'pickle'")
 
 
-def test_a_file_that_is_no_model_for_its_runtime_is_a_one_line_error(tmp_path: Path, shared_data: Path) -> None:
-    (tmp_path / "metadata.json").write_text(json.dumps({"format": "onnx", "file": "model.onnx", "image_size": 64}))
-    (tmp_path / "model.onnx").write_bytes(b"not a protobuf")
+@pytest.mark.parametrize("fmt", ["onnx", "openvino", "torch"])
+def test_a_pickle_in_place_of_an_exported_model_never_runs(fmt: str, tmp_path: Path, shared_data: Path) -> None:
+    from distillad.runtime import MODEL_FILES
+
+    folder, marker = tmp_path / fmt, tmp_path / "code-ran"
+    folder.mkdir()
+    (folder / "metadata.json").write_text(json.dumps({"format": fmt, "file": MODEL_FILES[fmt], "image_size": 64,
+                                                      "threshold": 0.5, "map_range": [0, 1]}))
+    hostile_checkpoint(folder / MODEL_FILES[fmt], marker)
     image = next((shared_data / "weld" / "test" / "good").iterdir())
-    assert_cli_error(cli("predict", "--exported", tmp_path, "--input", image, "--out", tmp_path / "p"),
-                     str(tmp_path / "model.onnx"), "onnx runtime")
+    assert_cli_error(cli("predict", "--exported", folder, "--input", image, "--out", tmp_path / "p"),
+                     str(folder / MODEL_FILES[fmt]))
+    assert not marker.exists()
 
 
 # --- files -------------------------------------------------------------------------------------------------
@@ -217,6 +224,13 @@ def test_an_interrupted_write_leaves_the_old_file(tmp_path: Path) -> None:
     with atomic_writer(path) as handle:
         handle.write("new")
     assert path.read_text() == "new"
+    umask = os.umask(0o022)
+    try:
+        with atomic_writer(tmp_path / "shared.csv") as handle:
+            handle.write("readable by the group, as open() would make it")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "shared.csv").stat().st_mode & 0o777 == 0o644
 
 
 def test_a_checkpoint_of_plain_data_loads(tmp_path: Path) -> None:

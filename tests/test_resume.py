@@ -3,8 +3,8 @@ with ``--resume``, and must end with the test scores and metrics of an uninterru
 for bit; and two runs of the same seed agree (determinism on CPU), for every model.
 
 The kill points: inside a training step, right after the first epoch's checkpoint (AAND: inside its
-amplification stage, whose anomaly synthesis must continue where it was), inside DMDD's MSN epoch, during
-calibration and while writing heatmaps.
+amplification stage, whose anomaly synthesis must continue where it was), after AAND's last amplification
+epoch (its stage switch), inside DMDD's MSN epoch, during calibration and while writing heatmaps.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ model = {"rd": RD, "dmdd": DMDD, "dskd": DSKD, "aand": AAND}[sys.argv[sys.argv.i
 kill_at(*{
     "training-step": (model, "training_step", 3, False),
     "first-checkpoint": (ModelCheckpoint, "_save_checkpoint", 1, True),
+    "second-checkpoint": (ModelCheckpoint, "_save_checkpoint", 2, True),
     "msn-epoch": (SegmentationEpoch, "on_train_epoch_end", 2, False),
     "calibration": (pipeline, "calibrate", 1, False),
     "heatmaps": (pipeline, "write_heatmaps", 1, False),
@@ -106,6 +107,7 @@ def uninterrupted(shared_data: Path, tmp_path_factory: pytest.TempPathFactory):
     ("dmdd", "msn-epoch", False),
     ("dskd", "first-checkpoint", False),
     ("aand", "first-checkpoint", False),
+    ("aand", "second-checkpoint", False),
 ])
 def test_a_killed_run_resumes_to_the_uninterrupted_result(model: str, point: str, heatmaps: bool, uninterrupted,
                                                           shared_data: Path, tmp_path: Path) -> None:

@@ -11,7 +11,8 @@ old file or the new one, never half of it:
   class) is refused with one line; so is a truncated or otherwise unreadable file.
 - :func:`check_program_archive` vets a ``torch.export`` ``.pt2`` archive before ``torch.export.load``
   sees it, because that loader unpickles without restriction: payloads flagged ``use_pickle``, custom and
-  opaque objects, and any embedded ``.pt`` file that does not load under ``weights_only=True``.
+  opaque objects, any embedded ``.pt`` file that does not load under ``weights_only=True``, and archives that
+  are not PT2 archives at all (a ``torch.save`` file is a zip of pickles too).
 - :func:`file_inside` keeps a file name read from a ``metadata.json`` inside its folder.
 
 Lightning writes its own checkpoints through fsspec transactions (a temporary file renamed on commit),
@@ -25,7 +26,7 @@ import io
 import json
 import os
 import pickle
-import tempfile
+import secrets
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,7 +42,9 @@ _UNREADABLE = (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError)
 def atomic_writer(path: str | Path, mode: str = "w", newline: str | None = None) -> Iterator[IO]:
     """Open a temporary file beside ``path``; on a clean exit it replaces ``path``, on an error it is removed."""
     path = Path(path)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
+    # os.open with 0o666 leaves the permissions to the umask, as a plain open() would (mkstemp makes 0o600).
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(descriptor, mode, newline=newline) as handle:
             yield handle
@@ -104,7 +107,10 @@ def check_program_archive(path: str | Path) -> None:
                "code; export the run again with 'distillad export --format torch'")
     try:
         with zipfile.ZipFile(path) as archive:
-            for name in archive.namelist():
+            names = archive.namelist()
+            if not any(name.endswith("archive_format") for name in names) or any(name.endswith(".pkl") for name in names):
+                raise DistilladError(refusal)
+            for name in names:
                 if name.endswith(".pt"):
                     try:
                         torch.load(io.BytesIO(archive.read(name)), weights_only=True)
