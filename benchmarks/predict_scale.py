@@ -9,7 +9,7 @@ another size (mixed sizes), every 500th a corrupt file. Then ``distillad predict
 times (``--run`` with PyTorch, ``--exported`` ONNX and OpenVINO, heatmaps on as by default) in a child
 process whose resident memory (``VmRSS``) and open file descriptors are read from ``/proc`` every 0.2 s,
 beside the number of rows it has written. Reported per backend: images/s, peak RSS, RSS after 500 images and
-at the end and the growth between them (the target: under 10%), open descriptors at 500 and at the end,
+the largest RSS after them, as growth (the target: under 10%), open descriptors at 500 and at the end,
 and whether every corrupt file got exactly one ``error`` row. Linux only (``/proc``). Writes ``OUT.json``
 and ``OUT.md`` (default ``benchmarks/results/predict_scale``).
 """
@@ -101,9 +101,8 @@ def measure(arguments: list[str], out: Path, expected_errors: int, threads: int)
         "images": len(rows), "error_rows": sum(1 for row in rows if row["error"]), "expected_error_rows": expected_errors,
         "seconds": seconds, "images_per_second": len(rows) / seconds,
         "peak_rss_MB": max(sample[1] for sample in samples),
-        "rss_MB_at_500": at_warm_up[1], "rss_MB_at_end": last[1],
-        "rss_growth_500_to_end_percent": 100 * (last[1] - at_warm_up[1]) / at_warm_up[1],
-        "max_rss_MB_after_500": max(sample[1] for sample in after_warm_up),
+        "rss_MB_at_500": at_warm_up[1], "max_rss_MB_after_500": max(sample[1] for sample in after_warm_up),
+        "rss_growth_percent": 100 * (max(sample[1] for sample in after_warm_up) - at_warm_up[1]) / at_warm_up[1],
         "open_fds_at_500": at_warm_up[2], "open_fds_at_end": last[2],
         "max_open_fds_after_500": max(sample[2] for sample in after_warm_up),
         "summary": stdout.strip().splitlines()[-1],
@@ -118,15 +117,15 @@ def markdown(results: dict) -> str:
         "",
         f"{settings['images']} images ({settings['corrupt']} corrupt, every {RESIZED_EVERY}th resized) copied from "
         f"{settings['source']}, RD at {settings['image_size']} px, heatmaps on, {settings['threads']} threads, "
-        f"{settings['machine']}. RSS growth is from image {WARM_UP_IMAGES} to the end (target < 10%).",
+        f"{settings['machine']}. Growth: largest RSS after image {WARM_UP_IMAGES} over RSS at it (target < 10%).",
         "",
-        "| backend | images/s | peak RSS MB | RSS @500 MB | RSS end MB | growth % | fds @500 | fds end | max fds | "
-        "error rows |",
+        "| backend | images/s | peak RSS MB | RSS @500 MB | max RSS after 500 MB | growth % | fds @500 | fds end | "
+        "max fds | error rows |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in results["backends"].items():
         lines.append(f"| {name} | {row['images_per_second']:.1f} | {row['peak_rss_MB']:.0f} | {row['rss_MB_at_500']:.0f} "
-                     f"| {row['rss_MB_at_end']:.0f} | {row['rss_growth_500_to_end_percent']:+.1f} | "
+                     f"| {row['max_rss_MB_after_500']:.0f} | {row['rss_growth_percent']:+.1f} | "
                      f"{row['open_fds_at_500']} | {row['open_fds_at_end']} | {row['max_open_fds_after_500']} | "
                      f"{row['error_rows']} of {row['expected_error_rows']} |")
     return "\n".join(lines) + "\n"

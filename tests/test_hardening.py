@@ -312,3 +312,96 @@ def test_the_threshold_is_the_quantile_of_the_held_out_and_calibration_images(sh
         scores = torch.tensor([float(row["score"]) for row in csv.DictReader(handle)], dtype=torch.float64)
     assert metrics["threshold"] == pytest.approx(float(torch.quantile(scores, 0.8)), abs=1e-5)
     assert metrics["threshold"] != pytest.approx(float(torch.quantile(scores, 0.99)), abs=1e-5)
+
+
+# --- the bad-input matrix, through the command line -----------------------------------------------------------
+
+
+def write_awkward_category(shared_data: Path, category: Path) -> None:
+    """A category in MVTec layout made of real weld images in every awkward form a user may have: grayscale,
+    RGBA, 16-bit, JPEG, BMP and TIFF files of several sizes, stray non-image files, masks at half resolution."""
+    import cv2
+    import numpy as np
+
+    weld = shared_data / "weld"
+    for split in ("train/good", "test/good", "test/crack", "ground_truth/crack"):
+        (category / split).mkdir(parents=True)
+    forms = [
+        ("png", lambda image: cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)),
+        ("png", lambda image: cv2.cvtColor(image, cv2.COLOR_BGR2BGRA)),
+        ("png", lambda image: image.astype(np.uint16) * 257),
+        ("jpg", lambda image: image),
+        ("bmp", lambda image: cv2.resize(image, None, fx=0.5, fy=0.5)),
+        ("tiff", lambda image: cv2.resize(image, None, fx=0.75, fy=0.6)),
+    ]
+    for index, path in enumerate(sorted((weld / "train" / "good").iterdir())[:12]):
+        suffix, form = forms[index % len(forms)]
+        cv2.imwrite(str(category / "train" / "good" / f"{index:03d}.{suffix}"), form(cv2.imread(str(path))))
+    for index, path in enumerate(sorted((weld / "test" / "good").iterdir())[:2]):
+        suffix, form = forms[(index + 2) % len(forms)]
+        cv2.imwrite(str(category / "test" / "good" / f"{index:03d}.{suffix}"), form(cv2.imread(str(path))))
+    for index, path in enumerate(sorted((weld / "test" / "defective").iterdir())[:3]):
+        shutil.copy(path, category / "test" / "crack" / f"{index:03d}.png")
+        mask = cv2.imread(str(next((weld / "ground_truth" / "defective").glob(f"{path.stem}*"))), cv2.IMREAD_GRAYSCALE)
+        cv2.imwrite(str(category / "ground_truth" / "crack" / f"{index:03d}_mask.png"),
+                    cv2.resize(mask, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_NEAREST))
+    for folder in ("train/good", "test/crack"):
+        (category / folder / "notes.txt").write_text("not an image")
+        (category / folder / ".DS_Store").write_bytes(b"\x00\x01")
+
+
+@pytest.fixture(scope="module")
+def awkward_root(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("awkward")
+    write_awkward_category(shared_data, root / "parts")
+    return root
+
+
+def test_awkward_but_valid_images_train_and_test(awkward_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = cli("fit", "--model", "rd", "--root", awkward_root, "--category", "parts", "--image-size", "64",
+                 "--epochs", "1", "--batch-size", "4", "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["num_test_images"], metrics["num_anomalous"]) == (5, 3)
+    assert len(list((out / "heatmaps").iterdir())) == 5
+
+
+def _broken_copies(awkward_root: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "broken"
+    for name, damage in (("empty", lambda c: [p.unlink() for p in (c / "train" / "good").iterdir()]),
+                         ("nomask", lambda c: (c / "ground_truth" / "crack" / "001_mask.png").unlink())):
+        shutil.copytree(awkward_root / "parts", root / name)
+        damage(root / name)
+    return root
+
+
+def test_every_bad_input_is_one_line_naming_the_fix(awkward_root: Path, tmp_path: Path) -> None:
+    broken = _broken_copies(awkward_root, tmp_path)
+    base = ["fit", "--model", "rd", "--image-size", "64", "--epochs", "1"]
+    data = ["--root", str(awkward_root), "--category", "parts"]
+    cases = {
+        "missing root": ([*base, "--root", str(tmp_path / "nowhere"), "--category", "parts"], ("nowhere",)),
+        "missing category": ([*base, "--root", str(awkward_root), "--category", "bolts"], ("'bolts' not found",)),
+        "empty train set": ([*base, "--root", str(broken), "--category", "empty"], ("empty train set", "train/good")),
+        "defective image without its mask": ([*base, "--root", str(broken), "--category", "nomask"], ("no mask", "001.png")),
+        "unknown backbone": ([*base, *data, "--backbone", "resnet9000"], ("resnet9000",)),
+        "missing weights file": ([*base, *data, "--weights", str(tmp_path / "none.pth")], ("none.pth",)),
+        "devices without a strategy": ([*base, *data, "--devices", "2"], ("--strategy ddp",)),
+        "zero epochs": ([*base, *data, "--epochs", "0"], ("--epochs",)),
+        "image size not a multiple of 32": ([*base, *data, "--image-size", "50"], ("--image-size",)),
+        "unknown model": (["fit", "--model", "patchcore", *data], ("--model",)),
+    }
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    running = {name: subprocess.Popen([*CLI, *args, "--out", str(tmp_path / name.replace(" ", "-"))],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+               for name, (args, _) in cases.items()}
+    for name, process in running.items():
+        stdout, stderr = process.communicate(timeout=600)
+        result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+        if name in ("zero epochs", "image size not a multiple of 32", "unknown model"):  # argparse's own line
+            assert result.returncode == 2 and "Traceback" not in stderr, (name, stderr[-2000:])
+            assert all(fragment in stderr for fragment in cases[name][1]), (name, stderr[-2000:])
+        else:
+            assert_cli_error(result, *cases[name][1])
+        assert not (tmp_path / name.replace(" ", "-")).exists(), name
