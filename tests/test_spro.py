@@ -27,9 +27,9 @@ WHOLE = torch.ones(2, 2, dtype=torch.bool)
 
 
 def hand_example() -> tuple[torch.Tensor, torch.Tensor]:
-    """One anomaly-free image and one anomalous image whose 4 pixels form one region."""
+    """One anomaly-free image and one anomalous image whose 4 pixels form one region (both evaluated)."""
     maps = torch.tensor([[[0.1, 0.2], [0.3, 0.9]], [[0.8, 0.7], [0.05, 0.05]]])
-    return maps, torch.tensor([True, False])
+    return maps, torch.tensor([True, True])
 
 
 def test_curve_saturates_at_the_threshold() -> None:
@@ -56,6 +56,8 @@ def test_relative_and_absolute_saturation_thresholds() -> None:
     relative = DefectConfig("scratch", 254, 0.5, relative_saturation=True)
     absolute = DefectConfig("missing", 255, 300, relative_saturation=False)
     assert relative.saturation_area(40) == 20
+    assert relative.saturation_area(41) == 20  # rounded down, as MVTec LOCO's int()
+    assert relative.saturation_area(1) == 1  # never below one pixel
     assert absolute.saturation_area(1000) == 300
     assert absolute.saturation_area(100) == 100  # capped at the region's area
     assert absolute.saturation_area(1000, area_scale=0.25) == 75  # config pixels at a lower resolution
@@ -64,34 +66,42 @@ def test_relative_and_absolute_saturation_thresholds() -> None:
 def test_curve_is_exact_against_brute_force_thresholds() -> None:
     rng = np.random.default_rng(0)
     maps = torch.from_numpy(rng.integers(0, 12, size=(4, 5, 5)) / 12)  # many ties
-    normal = torch.tensor([True, True, False, False])
+    evaluated = torch.tensor([True, True, True, True])
     masks = [torch.from_numpy(rng.random((5, 5)) < 0.4) for _ in range(3)]
     masks[1] |= masks[0]  # overlapping regions of one image
     regions = [SaturatedRegion(2, masks[0], 3.0), SaturatedRegion(2, masks[1], 2.5), SaturatedRegion(3, masks[2], 4.0)]
-    fpr, spro = spro_curve(maps, normal, regions)
+    negative = torch.ones(4, 5, 5, dtype=torch.bool)
+    negative[2] &= ~masks[1]  # masks[0] lies inside masks[1]
+    negative[3] &= ~masks[2]
+    fpr, spro = spro_curve(maps, evaluated, regions)
     for index, threshold in enumerate(sorted(set(maps.flatten().tolist()), reverse=True), start=1):
         predicted = maps >= threshold
-        expected_fpr = float(predicted[normal].float().mean())
+        expected_fpr = float(predicted[negative].float().mean())
         expected_spro = np.mean([min(float(predicted[r.image][r.mask].sum()) / r.saturation, 1) for r in regions])
         assert (float(fpr[index]), float(spro[index])) == pytest.approx((expected_fpr, expected_spro))
 
 
-def test_groups_share_the_normal_images_and_ignore_unannotated_anomalous_pixels() -> None:
+def test_unannotated_pixels_of_anomalous_images_are_negatives_as_in_mvtec_loco() -> None:
     normal = torch.tensor([[0.1, 0.2], [0.3, 0.4]])
     logical = torch.tensor([[0.35, 0.35], [0.0, 0.0]])  # region: all 4 pixels, s = 2
-    structural = torch.tensor([[0.5, 0.99], [0.99, 0.99]])  # region: the 0.5 pixel; 0.99 is not annotated
+    structural = torch.tensor([[0.5, 0.99], [0.99, 0.99]])  # region: the 0.5 pixel; three 0.99 unannotated
     maps = torch.stack([normal, logical, structural])
     one_pixel = torch.tensor([[True, False], [False, False]])
     regions = [SaturatedRegion(1, WHOLE, 2.0), SaturatedRegion(2, one_pixel, 1.0)]
     result = auspro_per_group(maps, [None, "logical", "structural"], regions, fpr_limit=0.5)
-    # logical: sPRO 1 from FPR 1/4 (only 0.4 is above 0.35) -> area 0.25 of 0.5; structural: 1 from FPR 0
-    assert result == pytest.approx({"logical": 0.5, "structural": 1.0, "mean": 0.75})
+    # logical: negatives are the 4 normal pixels; sPRO 1 from FPR 1/4 (0.4 beats 0.35) -> 0.25 / 0.5.
+    # structural: negatives are the 4 normal pixels and the three 0.99 -> sPRO 1 from FPR 3/7 -> (1/2 - 3/7) / 0.5.
+    # overall: 7 negatives, m = 2; the 0.5 pixel gives 1/2 at FPR 3/7, the logical region comes after 0.4 (FPR 4/7).
+    assert result == pytest.approx({"logical": 0.5, "structural": 1 / 7, "mean": (0.5 + 1 / 7) / 2,
+                                    "overall": 0.5 * (0.5 - 3 / 7) / 0.5})
 
 
 def test_metric_needs_normal_images_and_regions() -> None:
     maps, _ = hand_example()
-    with pytest.raises(DistilladError, match="anomaly-free"):
-        auspro(maps, torch.tensor([False, False]), [SaturatedRegion(1, WHOLE, 2.0)])
+    with pytest.raises(DistilladError, match="outside every region"):
+        auspro(maps[1:], torch.tensor([True]), [SaturatedRegion(0, WHOLE, 2.0)])
+    with pytest.raises(DistilladError, match="not among the evaluated"):
+        auspro(maps, torch.tensor([True, False]), [SaturatedRegion(1, WHOLE, 2.0)])
     with pytest.raises(DistilladError, match="fpr_limit"):
         auspro(maps, torch.tensor([True, False]), [SaturatedRegion(1, WHOLE, 2.0)], fpr_limit=0)
 
@@ -143,12 +153,35 @@ def test_mvtec_loco_spro_splits_logical_and_structural(loco_category: Path) -> N
                       [str(truth / "structural_anomalies/000/000.png")]],
     })
     normal = torch.arange(16, dtype=torch.float64).view(4, 4) / 100  # 0.00 ... 0.15
-    logical = torch.full((4, 4), 0.9, dtype=torch.float64)  # outside the region: ignored by the FPR
+    logical = torch.zeros(4, 4, dtype=torch.float64)  # 12 unannotated pixels at 0: negatives
     logical[:2, :2] = torch.tensor([[0.145, 0.135], [0.0, 0.0]])
-    structural = torch.zeros(4, 4, dtype=torch.float64)
+    structural = torch.zeros(4, 4, dtype=torch.float64)  # 15 unannotated pixels at 0
     structural[2, 2] = 0.125
     maps = torch.stack([normal, logical, structural]).unsqueeze(1)
     result = mvtec_loco_spro(maps, samples, loco_category / "defects_config.json", fpr_limit=0.25)
-    # logical (s = 2): sPRO 1/2 on FPR [1/16, 2/16], 1 on [2/16, 4/16] -> (1/32 + 4/32) / 0.25
-    # structural (s = 1): sPRO 1 from FPR 3/16 (0.13, 0.14, 0.15 are above 0.125) -> (1/16) / 0.25
-    assert result == pytest.approx({"logical": 0.625, "structural": 0.25, "mean": 0.4375})
+    # logical (s = 2, 16 + 12 negatives): sPRO 1/2 on FPR [1/28, 2/28], 1 from 2/28 -> 1 - 6/28
+    # structural (s = 1, 16 + 15 negatives): sPRO 1 from FPR 3/31 (0.13, 0.14, 0.15 beat 0.125) -> 1 - 12/31
+    # overall (m = 2, 43 negatives): 1/4 on [1/43, 2/43], 1/2 on [2/43, 3/43], 1 from 3/43 -> 1 - 9/43
+    assert result == pytest.approx({"logical": 1 - 6 / 28, "structural": 1 - 12 / 31,
+                                    "mean": (2 - 6 / 28 - 12 / 31) / 2, "overall": 1 - 9 / 43})
+
+
+def test_without_saturation_it_is_anomalibs_aupro() -> None:
+    """With s_i = |A_i| and one connected region per image, sPRO is PRO; the FPR rule (every unannotated pixel
+    is a negative) is then anomalib's too."""
+    from anomalib.metrics.aupro import _AUPRO
+
+    rng = np.random.default_rng(1)
+    maps = torch.from_numpy(rng.random((5, 16, 16)))
+    masks = torch.zeros(5, 16, 16, dtype=torch.bool)
+    regions = []
+    for image in (2, 3, 4):
+        row, col = rng.integers(0, 10, 2)
+        masks[image, row:row + 4, col:col + 5] = True
+        maps[image][masks[image]] += 0.3
+        regions.append(SaturatedRegion(image, masks[image].clone(), float(masks[image].sum())))
+    for limit in (0.05, 0.3):
+        reference = _AUPRO(fpr_limit=limit)
+        reference.update(maps.float(), masks.int())
+        assert auspro(maps, torch.ones(5, dtype=torch.bool), regions, fpr_limit=limit) == pytest.approx(
+            float(reference.compute()), abs=1e-6)

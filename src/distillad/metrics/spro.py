@@ -3,10 +3,10 @@
 anomalib 2.7 has no sPRO (its ``AUPRO`` is the unsaturated PRO of MVTec AD), so it lives here.
 
 For a threshold t with predicted region P_t = {pixels scoring >= t} and the m ground-truth regions A_i
-of the test set, each with a saturation threshold s_i (pixels, 0 < s_i <= |A_i|):
+of the evaluated images, each with a saturation threshold s_i (pixels, 0 < s_i <= |A_i|):
 
     sPRO(t) = 1/m * sum_i min(|A_i ∩ P_t| / s_i, 1)
-    FPR(t)  = |P_t ∩ N| / |N|,   N = all pixels of the anomaly-free test images
+    FPR(t)  = |P_t ∩ N| / |N|,   N = every pixel of the evaluated images outside all their regions
 
 A region counts as fully detected once s_i of its pixels are found, which is what logical anomalies
 (a missing object annotated by the whole area where it could be) need. With s_i = |A_i| sPRO is PRO.
@@ -18,12 +18,14 @@ MVTec LOCO specifics (its official evaluation code):
   ``001.png``, ...); a file's pixel value names its defect in the category's ``defects_config.json``
   (``defect_name``, ``pixel_value``, ``saturation_threshold``, ``relative_saturation``); a file is one
   region even when it has several connected components;
-- s_i = ``saturation_threshold`` * |A_i| when ``relative_saturation``, else
+- s_i = ``int(saturation_threshold * |A_i|)`` pixels (rounded down) when ``relative_saturation``, else
   min(``saturation_threshold``, |A_i|) pixels;
-- the FPR is taken on the anomaly-free test images only: pixels of anomalous images outside their
-  annotations are not counted as negatives (for logical anomalies they are not clearly normal);
+- negatives (``get_fp_areas_for_thresholds``) are the pixels that no region of their image covers, in the
+  anomaly-free images *and* in the anomalous ones: a detector that fires all over an anomalous image pays
+  for it in FPR;
 - logical and structural anomalies (the ``logical_anomalies`` / ``structural_anomalies`` test folders)
-  are scored separately, each against all anomaly-free test images.
+  are scored separately (``get_auc_spros_per_subdir``), each on the anomaly-free test images plus that
+  folder's images; ``overall`` scores every test image at once.
 
 Deviation: the official code evaluates at the masks' full resolution (about 1600 x 1100). Here the
 regions are resampled to the anomaly maps' resolution (area interpolation, a pixel belongs to a region
@@ -62,8 +64,8 @@ class DefectConfig:
 
     def saturation_area(self, region_area: float, area_scale: float = 1.0) -> float:
         """s_i for a region of ``region_area`` pixels; ``area_scale`` converts config pixels to region pixels."""
-        if self.relative_saturation:
-            return self.saturation_threshold * region_area
+        if self.relative_saturation:  # rounded down as MVTec LOCO's code does (int()), at least one pixel
+            return float(max(1, int(self.saturation_threshold * region_area)))
         return min(self.saturation_threshold * area_scale, region_area)
 
 
@@ -98,25 +100,32 @@ def load_defects_config(path: str | Path) -> dict[int, DefectConfig]:
     return {config.pixel_value: config for config in configs}
 
 
-def spro_curve(anomaly_maps: torch.Tensor, normal: torch.Tensor,
+def spro_curve(anomaly_maps: torch.Tensor, evaluated: torch.Tensor,
                regions: Sequence[SaturatedRegion]) -> tuple[torch.Tensor, torch.Tensor]:
     """The (FPR, sPRO) curve over every distinct score, from (0, 0) to FPR 1 (see the module docstring).
 
     Exact: sorting all relevant pixels by score, the k-th best pixel of region i raises sPRO by
-    (min(k / s_i, 1) - min((k - 1) / s_i, 1)) / m, and every anomaly-free pixel raises FPR by 1/|N|;
-    the curve is read after the last pixel of each distinct score.
+    (min(k / s_i, 1) - min((k - 1) / s_i, 1)) / m, and every negative pixel raises FPR by 1/|N|; the curve
+    is read after the last pixel of each distinct score.
 
     Args:
         anomaly_maps: (N, H, W) or (N, 1, H, W) scores.
-        normal: (N,) booleans, ``True`` for anomaly-free images (they give the FPR).
-        regions: The ground-truth regions (of anomalous images).
+        evaluated: (N,) booleans, ``True`` for the images that take part: their pixels outside every region
+            of their own image are the negatives.
+        regions: The ground-truth regions; each must belong to an evaluated image.
     """
     maps = anomaly_maps.reshape(len(anomaly_maps), *anomaly_maps.shape[-2:]).double()
-    normal = normal.bool()
-    if not normal.any() or not regions:
-        msg = "sPRO needs anomaly-free test images (for the FPR) and at least one ground-truth region"
+    evaluated = evaluated.bool()
+    annotated = torch.zeros_like(maps, dtype=torch.bool)
+    for region in regions:
+        if not evaluated[region.image]:
+            msg = f"a region of image {region.image} is given, but that image is not among the evaluated ones"
+            raise DistilladError(msg)
+        annotated[region.image] |= region.mask.bool()
+    negatives = maps[evaluated][~annotated[evaluated]]
+    if len(negatives) == 0 or not regions:
+        msg = "sPRO needs pixels outside every region (for the FPR) and at least one ground-truth region"
         raise DistilladError(msg)
-    negatives = maps[normal].flatten()
     scores = [negatives]
     fp_weights = [torch.full_like(negatives, 1 / len(negatives))]
     overlap_weights = [torch.zeros_like(negatives)]
@@ -149,19 +158,19 @@ def area_under_curve(x: torch.Tensor, y: torch.Tensor, x_max: float) -> float:
     return float(torch.trapezoid(ys, xs))
 
 
-def auspro(anomaly_maps: torch.Tensor, normal: torch.Tensor, regions: Sequence[SaturatedRegion],
+def auspro(anomaly_maps: torch.Tensor, evaluated: torch.Tensor, regions: Sequence[SaturatedRegion],
            fpr_limit: float = LOCO_FPR_LIMIT) -> float:
-    """Normalised area under the sPRO curve up to ``fpr_limit`` (0.05 for MVTec LOCO)."""
+    """Normalised area under the sPRO curve up to ``fpr_limit`` (0.05 for MVTec LOCO); see :func:`spro_curve`."""
     if not 0 < fpr_limit <= 1:
         msg = f"fpr_limit must be in (0, 1], got {fpr_limit}"
         raise DistilladError(msg)
-    fpr, spro = spro_curve(anomaly_maps, normal, regions)
+    fpr, spro = spro_curve(anomaly_maps, evaluated, regions)
     return area_under_curve(fpr, spro, fpr_limit) / fpr_limit
 
 
 def auspro_per_group(anomaly_maps: torch.Tensor, groups: Sequence[str | None], regions: Sequence[SaturatedRegion],
                      fpr_limit: float = LOCO_FPR_LIMIT) -> dict[str, float]:
-    """AU-sPRO per group of anomalous images (e.g. logical / structural), and their mean.
+    """AU-sPRO per group of anomalous images (e.g. logical / structural), over all of them, and the groups' mean.
 
     Args:
         anomaly_maps: (N, H, W) or (N, 1, H, W) scores of all test images.
@@ -170,18 +179,20 @@ def auspro_per_group(anomaly_maps: torch.Tensor, groups: Sequence[str | None], r
         fpr_limit: Integration limit.
 
     Returns:
-        ``{group: AU-sPRO}`` over the regions of that group's images with the FPR of all anomaly-free
-        images, plus ``"mean"``, the mean over groups (MVTec LOCO's reported mean).
+        ``{group: AU-sPRO}`` on the anomaly-free images plus that group's images (their regions, and their
+        unannotated pixels as negatives), ``"overall"`` on every image, and ``"mean"``, the mean over the
+        groups (MVTec LOCO's reported mean).
     """
     if len(groups) != len(anomaly_maps):
         msg = f"{len(groups)} group labels for {len(anomaly_maps)} anomaly maps; give one per image"
         raise DistilladError(msg)
-    normal = torch.tensor([group is None for group in groups])
     results = {}
     for name in sorted({group for group in groups if group is not None}):
+        evaluated = torch.tensor([group is None or group == name for group in groups])
         members = [region for region in regions if groups[region.image] == name]
-        results[name] = auspro(anomaly_maps, normal, members, fpr_limit)
+        results[name] = auspro(anomaly_maps, evaluated, members, fpr_limit)
     results["mean"] = float(np.mean(list(results.values())))
+    results["overall"] = auspro(anomaly_maps, torch.ones(len(groups), dtype=torch.bool), regions, fpr_limit)
     return results
 
 
@@ -233,8 +244,8 @@ def mvtec_loco_spro(anomaly_maps: torch.Tensor, samples: pd.DataFrame, defects_c
         fpr_limit: Integration limit (0.05 in MVTec LOCO).
 
     Returns:
-        ``{"logical": ..., "structural": ..., "mean": ...}`` (groups named after the test folders, without
-        the ``_anomalies`` suffix).
+        ``{"logical": ..., "structural": ..., "mean": ..., "overall": ...}`` (groups named after the test
+        folders, without the ``_anomalies`` suffix; see :func:`auspro_per_group`).
     """
     if len(samples) != len(anomaly_maps):
         msg = f"{len(samples)} samples for {len(anomaly_maps)} anomaly maps; pass the maps in the samples' order"
