@@ -48,6 +48,7 @@ class BenchmarkSettings:
     """What every cell of one benchmark shares; stored in ``OUT/benchmark.json``."""
 
     root: str
+    dataset: str = "mvtec_ad"
     backbone: str = "tf_efficientnet_lite0"
     pretrained: bool = True
     image_size: int = 256
@@ -104,12 +105,12 @@ def latency_ms(model: torch.nn.Module, image_size: int, batch_size: int, repeats
 
 def _example_images(run_dir: Path, count: int) -> list[tuple[str, str]]:
     """(image, mask) paths of anomalous test images, one defect type after another, in path order."""
-    from distillad.data import mvtec_samples
+    from distillad.data.layouts import dataset_layout
 
     config = json.loads((run_dir / "config.json").read_text())
     with (run_dir / "test_scores.csv").open() as handle:
         tested = {row["path"] for row in csv.DictReader(handle) if row["label"] == "1"}
-    samples = mvtec_samples(config["data"]["root"], config["data"]["category"])
+    samples = dataset_layout(config["data"]["kind"]).samples(config["data"]["root"], config["data"]["category"])
     anomalous = samples[samples.image_path.isin(tested)].sort_values("image_path")
     per_type = [list(zip(group.image_path, group.mask_path)) for _, group in anomalous.groupby("label", sort=True)]
     picked: list[tuple[str, str]] = []
@@ -141,7 +142,7 @@ def run_cell(settings: BenchmarkSettings, category: str, model_name: str, run_di
 
     started = time.perf_counter()
     config = RunConfig(model=model_name, model_options=settings.options.get(model_name, {}),
-                       data={"kind": "mvtec", "root": settings.root, "category": category},
+                       data={"kind": settings.dataset, "root": settings.root, "category": category},
                        backbone=settings.backbone, pretrained=settings.pretrained, image_size=settings.image_size,
                        epochs=settings.epochs, batch_size=settings.batch_size, seed=settings.seed,
                        max_steps=settings.max_steps, precision=settings.precision, accelerator=settings.accelerator,

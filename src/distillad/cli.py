@@ -17,6 +17,8 @@ from distillad.runtime import MODEL_FILES as EXPORT_FORMATS
 from distillad.training import ACCELERATORS, PRECISIONS, STRATEGIES
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
+DATASET_HELP = ("layout of --root: mvtec_ad (default), mpdd, btad, mvtec_loco (sPRO), mvtec_ad2, visa (its 1cls split); "
+                "see README")
 DEFAULT_IMAGE_SIZE = 256
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_FIT_EPOCHS = 10
@@ -120,9 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Train on a category's normal images, calibrate the decision threshold "
                                           "on held-out normal images, test, and write the run directory.")
     fit.add_argument("--model", default="rd", choices=sorted(MODELS), help="method to train (default: rd)")
-    source = fit.add_argument_group("data (MVTec layout: --root and --category; or a plain folder: --normal-dir)")
-    source.add_argument("--root", type=Path, help="dataset root in MVTec layout (ROOT/CATEGORY/train/good, ...)")
-    source.add_argument("--category", help="category folder under --root")
+    source = fit.add_argument_group("data (a dataset: --root and --category; or a plain folder: --normal-dir)")
+    source.add_argument("--root", type=Path, help="dataset root, as its authors distribute it (see --dataset)")
+    source.add_argument("--dataset", default="mvtec_ad", help=DATASET_HELP)
+    source.add_argument("--category", type=_name_list,
+                        help="category under --root; a comma list or 'all' trains one run per category in OUT/<category>")
     source.add_argument("--normal-dir", type=Path, help="folder of normal training images (instead of --root)")
     source.add_argument("--abnormal-dir", type=Path, help="folder of anomalous test images (with --normal-dir)")
     source.add_argument("--mask-dir", type=Path, help="masks for --abnormal-dir, paired by stem (<stem>_mask.png)")
@@ -198,8 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--models", type=_name_list, default=["rd"], help="comma-separated models (default: rd)")
     bench.add_argument("--peers", type=_name_list, default=[],
                        help="anomalib models to run beside them on the same data and encoder: patchcore, padim")
-    bench.add_argument("--root", type=Path, required=True, help="dataset root in MVTec layout")
-    bench.add_argument("--categories", type=_name_list, required=True, help="comma-separated category folders under --root")
+    bench.add_argument("--root", type=Path, required=True, help="dataset root, as its authors distribute it")
+    bench.add_argument("--dataset", default="mvtec_ad", help=DATASET_HELP)
+    bench.add_argument("--categories", type=_name_list, required=True,
+                       help="comma-separated categories under --root, or 'all'")
     _add_training_options(bench, DEFAULT_BENCHMARK_EPOCHS)
     bench.add_argument("--option", type=_model_option, action="append", default=[], metavar="MODEL:KEY=VALUE",
                        help="option for one model, repeatable (e.g. dmdd:msn=False)")
@@ -210,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _fit_config(args: argparse.Namespace):
+def _fit_config(args: argparse.Namespace, category: str | None = None):
     from distillad.models.registry import MODELS
     from distillad.pipeline import RunConfig
 
@@ -220,8 +226,8 @@ def _fit_config(args: argparse.Namespace):
         data = {"kind": "folder", "normal_dir": str(args.normal_dir),
                 **{key: str(value) for key in ("abnormal_dir", "mask_dir", "normal_test_dir")
                    if (value := getattr(args, key)) is not None}}
-    elif args.root is not None and args.category:
-        data = {"kind": "mvtec", "root": str(args.root), "category": args.category}
+    elif args.root is not None and category:
+        data = {"kind": args.dataset, "root": str(args.root), "category": category}
     else:
         raise DistilladError("no data given; pass --root DIR --category NAME (MVTec layout) or --normal-dir DIR")
     preset = MODELS[args.model].paper if args.preset == "paper" else {}
@@ -244,6 +250,43 @@ def _fit_config(args: argparse.Namespace):
     )
 
 
+def _fit(args: argparse.Namespace, pipeline) -> None:
+    """One run in ``--out``; or, for several categories (a comma list or ``all``), one run per category in
+    ``OUT/<category>`` and ``OUT/categories.{json,md}`` with their metrics and the mean. A category that fails
+    is reported; the others go on."""
+    categories = [None]
+    if args.normal_dir is None and args.root is not None and args.category:
+        from distillad.data.layouts import dataset_layout, resolve_categories
+
+        dataset_layout(args.dataset)
+        categories = resolve_categories(args.dataset, args.root, args.category)
+    if len(categories) == 1:
+        metrics = pipeline.fit(_fit_config(args, categories[0]), args.out, resume=args.resume,
+                               train_limit=args.train_limit, test_limit=args.test_limit, heatmaps=not args.no_heatmaps,
+                               overwrite=args.overwrite)
+        print(json.dumps(metrics, indent=2))
+        print(f"run written to {args.out}")
+        return
+    rows = []
+    for category in categories:
+        print(f"[{category}] training into {args.out / category}", file=sys.stderr)
+        try:
+            metrics = pipeline.fit(_fit_config(args, category), args.out / category, resume=args.resume,
+                                   train_limit=args.train_limit, test_limit=args.test_limit,
+                                   heatmaps=not args.no_heatmaps, overwrite=args.overwrite)
+            rows.append({"category": category, **{key: value for key, value in metrics.items()
+                                                   if isinstance(value, int | float) and not isinstance(value, bool)}})
+        except DistilladError as error:
+            print(f"[{category}] failed: {error}", file=sys.stderr)
+            rows.append({"category": category, "error": str(error)})
+    table = pipeline.write_category_summary(rows, args.out)
+    print(table)
+    failed = [row["category"] for row in rows if "error" in row]
+    if failed:
+        raise DistilladError(f"{len(failed)} of {len(rows)} categories failed ({', '.join(failed)}); see "
+                             f"{args.out / 'categories.md'}, fix the cause and rerun with --resume")
+
+
 def _trainer_settings(args: argparse.Namespace) -> dict:
     """How ``fit`` and ``benchmark`` train: schedule in steps, precision and devices."""
     return {"max_steps": args.max_steps, "precision": args.precision, "accelerator": args.accelerator,
@@ -262,7 +305,11 @@ def _benchmark(args: argparse.Namespace) -> None:
     for model, model_options in options.items():
         if model in MODELS:
             check_model_options(model, model_options)
-    settings = BenchmarkSettings(root=str(args.root), backbone=args.backbone or DEFAULT_BACKBONE,
+    from distillad.data.layouts import dataset_layout, resolve_categories
+
+    dataset_layout(args.dataset)
+    categories = resolve_categories(args.dataset, args.root, args.categories)
+    settings = BenchmarkSettings(root=str(args.root), dataset=args.dataset, backbone=args.backbone or DEFAULT_BACKBONE,
                                  pretrained=not args.no_pretrained, image_size=args.image_size or DEFAULT_IMAGE_SIZE,
                                  epochs=args.epochs or DEFAULT_BENCHMARK_EPOCHS,
                                  batch_size=args.batch_size or DEFAULT_BATCH_SIZE, seed=args.seed,
@@ -274,7 +321,7 @@ def _benchmark(args: argparse.Namespace) -> None:
     if unknown:
         raise DistilladError(f"unknown peer(s) {', '.join(unknown)}; choose from {', '.join(sorted(PEERS))}")
     models = [*args.models, *(peer for peer in args.peers if peer not in args.models)]
-    rows = run_benchmark(settings, models, args.categories, args.out, plots=not args.no_plots)
+    rows = run_benchmark(settings, models, categories, args.out, plots=not args.no_plots)
     print((args.out / "results.md").read_text())
     failed = [f"{row['category']}/{row['model']}" for row in rows if "error" in row]
     if failed:
@@ -324,10 +371,7 @@ def run(argv: list[str] | None = None) -> int:
     if args.command in ("fit", "test"):
         from distillad import pipeline  # Lightning loads only for the commands that need it
     if args.command == "fit":
-        metrics = pipeline.fit(_fit_config(args), args.out, resume=args.resume, train_limit=args.train_limit,
-                               test_limit=args.test_limit, heatmaps=not args.no_heatmaps, overwrite=args.overwrite)
-        print(json.dumps(metrics, indent=2))
-        print(f"run written to {args.out}")
+        _fit(args, pipeline)
     elif args.command == "test":
         print(json.dumps(pipeline.test(args.run, heatmaps=not args.no_heatmaps), indent=2))
     elif args.command == "predict":

@@ -53,8 +53,9 @@ from torch.utils.data import DataLoader
 from torchvision.transforms.v2.functional import resize
 from tqdm.auto import tqdm
 
-from distillad.data import FolderLayout, MVTecLayout, read_image
+from distillad.data import DistilladDataModule, FolderLayout, read_image
 from distillad.data.io import check_readable
+from distillad.data.layouts import dataset_layout
 from distillad.errors import DistilladError
 from distillad.inference import (
     ImageFiles,
@@ -68,9 +69,9 @@ from distillad.inference import (
     score_normalizer,
     unique_name,
 )
-from distillad.metrics import aupro, auroc, f1_max, pro_curve, roc_curve
+from distillad.metrics import aupro, auroc, f1_max, mvtec_loco_metrics, pro_curve, roc_curve
 from distillad.models.registry import check_model_options, get_model_class, model_options
-from distillad.storage import atomic_writer, read_checkpoint, write_json
+from distillad.storage import atomic_writer, read_checkpoint, write_json, write_text
 from distillad.training import ACCELERATORS, PRECISIONS, STRATEGIES, cpu_has_native_bf16
 
 DISABLED_COMPONENTS = {"post_processor": False, "evaluator": False, "visualizer": False}
@@ -172,17 +173,19 @@ def versions() -> dict:
 
 
 def build_datamodule(config: RunConfig, train_limit: int | None = None, test_limit: int | None = None):
-    """The datamodule described by ``config.data`` (``kind`` ``mvtec`` or ``folder``)."""
+    """The datamodule described by ``config.data``: ``kind`` ``folder`` (plain folders) or a dataset of
+    :data:`distillad.data.layouts.DATASETS` with ``root`` and ``category``."""
     data = dict(config.data)
     kind = data.pop("kind")
     common = {"image_size": (config.image_size, config.image_size), "train_batch_size": config.device_batch_size,
               "eval_batch_size": config.batch_size, "num_workers": config.num_workers, "seed": config.seed,
               "val_split_ratio": config.val_split_ratio,
               "train_limit": train_limit, "test_limit": test_limit}
-    if kind == "mvtec":
-        return MVTecLayout(data["root"], data["category"], **common)
-    return FolderLayout(data["normal_dir"], data.get("abnormal_dir"), data.get("mask_dir"),
-                        data.get("normal_test_dir"), **common)
+    if kind == "folder":
+        return FolderLayout(data["normal_dir"], data.get("abnormal_dir"), data.get("mask_dir"),
+                            data.get("normal_test_dir"), **common)
+    samples = dataset_layout(kind).samples(data["root"], data["category"])
+    return DistilladDataModule(samples, category=data["category"], **common)
 
 
 def build_model(config: RunConfig) -> torch.nn.Module:
@@ -547,6 +550,9 @@ def test(run_dir: Path, model: torch.nn.Module | None = None, config: RunConfig 
         msg = "the test split needs both normal and anomalous images to compute metrics; add test/good and defect folders"
         raise DistilladError(msg)
     metrics = evaluate(predictions, config.threshold)
+    if config.data.get("kind") == "mvtec_loco":
+        defects = Path(config.data["root"]) / config.data["category"] / "defects_config.json"
+        metrics.update(mvtec_loco_metrics(predictions.maps, predictions.scores, datamodule.test_data.samples, defects))
     write_json(run_dir / "curves.json", curves(predictions), indent=None)
     metrics["test_ms_per_image"] = 1000 * seconds / len(predictions.paths)
     metrics.update({"model": config.model, "backbone": config.backbone, "image_size": config.image_size,
@@ -569,6 +575,34 @@ def test(run_dir: Path, model: torch.nn.Module | None = None, config: RunConfig 
         metrics = {**json.loads(previous.read_text()), **metrics}
     write_json(previous, metrics)
     return metrics
+
+
+#: The columns of ``categories.md`` (whichever a dataset's runs report), in this order.
+SUMMARY_COLUMNS = {"image_AUROC": "I-AUROC", "pixel_AUROC": "P-AUROC", "pixel_AUPRO": "AUPRO",
+                   "image_AUROC_logical": "I-AUROC log.", "image_AUROC_structural": "I-AUROC str.",
+                   "sPRO_logical": "sPRO log.", "sPRO_structural": "sPRO str.", "sPRO_mean": "sPRO mean",
+                   "sPRO_overall": "sPRO all"}
+
+
+def write_category_summary(rows: list[dict], out: Path) -> str:
+    """``OUT/categories.json`` and ``OUT/categories.md``: one row per category (metrics in %) and their mean over
+    the categories that finished; returns the markdown table."""
+    done = [row for row in rows if "error" not in row]
+    columns = [key for key in SUMMARY_COLUMNS if any(key in row for row in done)]
+    mean = {key: float(np.mean([row[key] for row in done if key in row])) for key in columns}
+    lines = ["| category | " + " | ".join(SUMMARY_COLUMNS[key] for key in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for row in rows:
+        cells = ([f"failed: {row['error']}"] + [""] * (len(columns) - 1) if "error" in row
+                 else [f"{100 * row[key]:.1f}" if key in row else "" for key in columns])
+        lines.append(f"| {row['category']} | " + " | ".join(cells) + " |")
+    if done:
+        lines.append("| **mean** | " + " | ".join(f"{100 * mean[key]:.1f}" for key in columns) + " |")
+    table = "\n".join(lines) + "\n"
+    Path(out).mkdir(parents=True, exist_ok=True)
+    write_json(Path(out) / "categories.json", {"categories": rows, "mean": mean})
+    write_text(Path(out) / "categories.md", table)
+    return table
 
 
 def predict(run_dir: Path, inputs: list[str | Path], out_dir: Path, batch_size: int = 16, num_workers: int = 0,

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import Resize, Transform
 
-from distillad.data.io import check_readable, read_image, read_mask
+from distillad.data.io import check_readable, mask_files, read_image, read_masks
 from distillad.data.samples import SAMPLE_COLUMNS, folder_samples, mvtec_samples
 from distillad.errors import DistilladError
 from distillad.generators import GeneratorsPickleAsBytes
@@ -69,7 +69,7 @@ class SampleTableDataset(AnomalibDataset):
         gt_mask = None
         if self.task == TaskType.SEGMENTATION:
             if label_index == LabelName.ABNORMAL:
-                mask = torch.from_numpy(read_mask(row.mask_path, size=array.shape[:2]))
+                mask = torch.from_numpy(read_masks(row.mask_path, size=array.shape[:2]))
             else:
                 mask = torch.zeros(array.shape[:2], dtype=torch.uint8)
             gt_mask = tv_tensors.Mask(mask)
@@ -153,7 +153,8 @@ class DistilladDataModule(GeneratorsPickleAsBytes, AnomalibDataModule):
         val_split_ratio: Fraction of the normal training images held out (seeded) as the validation
             split, which calibrates the decision threshold. At least one image is held out when the
             ratio is positive and there are two or more training images. ``0`` means no validation
-            split; ``val_dataloader`` then returns no loaders and Lightning skips validation.
+            split; ``val_dataloader`` then returns no loaders and Lightning skips validation. A table
+            with rows of split ``"val"`` (a dataset's own held-out normal images) uses those instead.
         seed: Seed of the validation split and of the ``*_limit`` subsets.
         train_limit: Use only this many training images (seeded subset, taken before the validation
             split) — for tests and quick runs.
@@ -189,7 +190,8 @@ class DistilladDataModule(GeneratorsPickleAsBytes, AnomalibDataModule):
             eval_batch_size=eval_batch_size,
             num_workers=num_workers,
             augmentations=Resize(self.image_size, antialias=True),
-            val_split_mode=ValSplitMode.FROM_TRAIN if val_split_ratio > 0 else ValSplitMode.NONE,
+            val_split_mode=(ValSplitMode.FROM_DIR if (samples.split == "val").any()
+                            else ValSplitMode.FROM_TRAIN if val_split_ratio > 0 else ValSplitMode.NONE),
             seed=seed,
         )
         self.val_split_ratio = float(val_split_ratio)  # the base class turns 0 into 0.5
@@ -223,9 +225,14 @@ class DistilladDataModule(GeneratorsPickleAsBytes, AnomalibDataModule):
         """
 
     def _create_val_split(self) -> None:
-        """Hold out ``val_split_ratio`` of the training images (seeded) as the validation split."""
+        """The dataset's own held-out normal images (split ``"val"``: MVTec LOCO's and MVTec AD 2's
+        ``validation/good``) when it has them, else ``val_split_ratio`` of the training images (seeded)."""
         if hasattr(self, "val_data"):
             del self.val_data  # a previous setup's split; rebuilt below from the fresh train set
+        held_out = self._samples[self._samples.split == "val"]
+        if len(held_out):
+            self.val_data = SampleTableDataset(held_out, category=self.category)
+            return
         count = len(self.train_data)
         if self.val_split_ratio <= 0 or count < 2:
             return
@@ -243,8 +250,8 @@ class DistilladDataModule(GeneratorsPickleAsBytes, AnomalibDataModule):
                 continue
             for row in dataset.samples.itertuples():
                 files.append((row.image_path, "image"))
-                if int(row.label_index) == LabelName.ABNORMAL and isinstance(row.mask_path, str) and row.mask_path:
-                    files.append((row.mask_path, "mask"))
+                if int(row.label_index) == LabelName.ABNORMAL:
+                    files.extend((path, "mask") for path in mask_files(row.mask_path))
         check_readable(files)
 
     def train_dataloader(self) -> DataLoader:

@@ -13,6 +13,7 @@ image and its mask always share the same pixel grid.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -101,6 +102,24 @@ def read_image(path: str | Path) -> np.ndarray:
     else:
         raise DistilladError(f"cannot read image {path}: {channels} channels are not supported; convert it to RGB")
     return np.ascontiguousarray(rgb)
+
+
+#: Joins the mask files of one image in a sample table's ``mask_path`` (MVTec LOCO: one file per region).
+MASK_SEPARATOR = os.pathsep
+
+
+def mask_files(mask_path: str) -> list[str]:
+    """The mask files a sample table's ``mask_path`` names (none for ``""``)."""
+    return [path for path in str(mask_path).split(MASK_SEPARATOR) if path]
+
+
+def read_masks(mask_path: str, size: tuple[int, int] | None = None) -> np.ndarray:
+    """The union of the masks that ``mask_path`` names (:func:`mask_files`), as :func:`read_mask` reads one."""
+    files = mask_files(mask_path)
+    union = read_mask(files[0], size)
+    for path in files[1:]:
+        union |= read_mask(path, size if size is not None else union.shape)
+    return union
 
 
 def read_mask(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:

@@ -3,7 +3,9 @@
 The builders return an anomalib-style :class:`pandas.DataFrame` with the columns
 
 ``image_path`` (str), ``label`` (str), ``label_index`` (int: 0 normal, 1 abnormal), ``mask_path``
-(str, ``""`` when there is none) and ``split`` (``"train"`` / ``"test"``),
+(str, ``""`` when there is none; several files, one per region, joined with
+:data:`~distillad.data.io.MASK_SEPARATOR`) and ``split`` (``"train"``, ``"val"`` for a dataset's own
+held-out normal images, ``"test"``),
 
 sorted by split and path, with ``df.attrs["task"]`` set to ``"segmentation"`` when every abnormal
 image has a mask and to ``"classification"`` when none has.
@@ -16,12 +18,13 @@ files that are not images (``.txt``, ``Thumbs.db``, hidden files), pair a mask w
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
 from anomalib.data.utils import LabelName
 
-from distillad.data.io import IMAGE_EXTENSIONS, is_image_file
+from distillad.data.io import IMAGE_EXTENSIONS, MASK_SEPARATOR, is_image_file
 from distillad.errors import DistilladError
 
 SAMPLE_COLUMNS = ("image_path", "label", "label_index", "mask_path", "split")
@@ -67,7 +70,7 @@ def _pair_masks(images: list[Path], mask_dir: Path) -> list[str]:
     return masks
 
 
-def _rows(images: list[Path], label: str, label_index: int, split: str, masks: list[str] | None = None) -> list[dict]:
+def sample_rows(images: list[Path], label: str, label_index: int, split: str, masks: list[str] | None = None) -> list[dict]:
     """Table rows for ``images``, one per image."""
     masks = masks if masks is not None else [""] * len(images)
     return [
@@ -76,7 +79,7 @@ def _rows(images: list[Path], label: str, label_index: int, split: str, masks: l
     ]
 
 
-def _table(rows: list[dict]) -> pd.DataFrame:
+def sample_table(rows: list[dict]) -> pd.DataFrame:
     """Assemble rows into a sorted sample table and record the task in ``attrs``."""
     samples = pd.DataFrame(rows, columns=list(SAMPLE_COLUMNS))
     samples["label_index"] = samples["label_index"].astype("int64")
@@ -97,43 +100,76 @@ def _train_images(folder: Path) -> list[Path]:
     return images
 
 
-def mvtec_samples(root: str | Path, category: str) -> pd.DataFrame:
-    """Sample table of one category in the MVTec AD layout.
-
-    Layout::
-
-        root/category/train/good/*                     normal training images
-        root/category/test/good/*                      normal test images
-        root/category/test/<defect>/*                  defective test images
-        root/category/ground_truth/<defect>/<stem>_mask.<ext>   (or <stem>.<ext>) their masks
-
-    ``label`` is the test subfolder name (``"good"`` for normal images). Without a ``ground_truth``
-    folder the table is for classification; with one, every defective image must have its mask. A
-    category without a ``test`` folder yields a train-only table.
-
-    Raises:
-        DistilladError: If ``root`` or the category is missing, the train set is empty, or a defective
-            image has no mask although the category has a ``ground_truth`` folder.
-    """
+def category_dir(root: str | Path, category: str) -> Path:
+    """``root/category``, or a one-line error naming what exists instead."""
     root = Path(root)
     if not root.is_dir():
         raise DistilladError(f"dataset root {root} does not exist; pass the folder that contains the category folders")
-    category_dir = root / category
-    if not category_dir.is_dir():
+    folder = root / category
+    if not folder.is_dir():
         available = ", ".join(path.name for path in _subfolders(root)) or "none"
         raise DistilladError(f"category {category!r} not found in {root} (available: {available}); pick one of those")
+    return folder
 
-    rows = _rows(_train_images(category_dir / "train" / "good"), "good", LabelName.NORMAL, "train")
-    test_dir = category_dir / "test"
-    ground_truth = category_dir / "ground_truth"
+
+def pair_mask_folders(images: list[Path], mask_dir: Path) -> list[str]:
+    """MVTec LOCO's masks: every image ``<stem>.<ext>`` has a folder ``mask_dir/<stem>/`` with one file per
+    annotated region; the files are joined with :data:`~distillad.data.io.MASK_SEPARATOR`."""
+    masks = []
+    for image in images:
+        files = list_images(mask_dir / image.stem) if (mask_dir / image.stem).is_dir() else []
+        if not files:
+            raise DistilladError(f"no mask for defective image {image}: expected mask files in {mask_dir / image.stem}; "
+                                 "add them or remove the image")
+        masks.append(MASK_SEPARATOR.join(str(path) for path in files))
+    return masks
+
+
+def mvtec_samples(root: str | Path, category: str, normal: str = "good", test: str = "test",
+                  ground_truth: str = "ground_truth", validation: str | None = None,
+                  pair_masks: Callable[[list[Path], Path], list[str]] = _pair_masks) -> pd.DataFrame:
+    """Sample table of one category in the MVTec AD layout, or one of its relatives (the arguments).
+
+    Layout::
+
+        root/category/train/<normal>/*                 normal training images
+        root/category/<validation>/<normal>/*          held-out normal images (split "val"), if given
+        root/category/<test>/<normal>/*                normal test images
+        root/category/<test>/<defect>/*                defective test images
+        root/category/<ground_truth>/<defect>/<stem>_mask.<ext>   (or <stem>.<ext>) their masks
+
+    ``label`` is the test subfolder name (``"good"`` for normal images). Without a ground-truth folder
+    the table is for classification; with one, every defective image must have its mask. A category
+    without a test folder yields a train-only table.
+
+    Args:
+        root: Dataset root, the folder holding the category folders.
+        category: Category folder.
+        normal: Name of the normal folders (``good``; BTAD: ``ok``).
+        test: Test folder (MVTec AD 2: ``test_public``).
+        ground_truth: Mask folder, relative to the category (MVTec AD 2: ``test_public/ground_truth``).
+        validation: Folder of held-out normal images (MVTec LOCO, MVTec AD 2: ``validation``).
+        pair_masks: Finds the masks of a defect folder's images (MVTec LOCO: one folder per image).
+
+    Raises:
+        DistilladError: If ``root`` or the category is missing, the train set is empty, or a defective
+            image has no mask although the category has a ground-truth folder.
+    """
+    folder = category_dir(root, category)
+    rows = sample_rows(_train_images(folder / "train" / normal), "good", LabelName.NORMAL, "train")
+    if validation is not None and (folder / validation / normal).is_dir():
+        rows += sample_rows(list_images(folder / validation / normal), "good", LabelName.NORMAL, "val")
+    test_dir, masks_dir = folder / test, folder / ground_truth
     for defect_dir in _subfolders(test_dir) if test_dir.is_dir() else []:
-        images = list_images(defect_dir)
-        if defect_dir.name == "good":
-            rows += _rows(images, "good", LabelName.NORMAL, "test")
+        if defect_dir.resolve() == masks_dir.resolve():
             continue
-        masks = _pair_masks(images, ground_truth / defect_dir.name) if ground_truth.is_dir() else None
-        rows += _rows(images, defect_dir.name, LabelName.ABNORMAL, "test", masks)
-    return _table(rows)
+        images = list_images(defect_dir)
+        if defect_dir.name == normal:
+            rows += sample_rows(images, "good", LabelName.NORMAL, "test")
+            continue
+        masks = pair_masks(images, masks_dir / defect_dir.name) if masks_dir.is_dir() else None
+        rows += sample_rows(images, defect_dir.name, LabelName.ABNORMAL, "test", masks)
+    return sample_table(rows)
 
 
 def _existing_dir(folder: str | Path, option: str) -> Path:
@@ -173,7 +209,7 @@ def folder_samples(
         DistilladError: If a given folder is missing or holds no images, ``mask_dir`` comes without
             ``abnormal_dir``, or an abnormal image has no mask.
     """
-    rows = _rows(_train_images(_existing_dir(normal_dir, "normal_dir")), "normal", LabelName.NORMAL, "train")
+    rows = sample_rows(_train_images(_existing_dir(normal_dir, "normal_dir")), "normal", LabelName.NORMAL, "train")
     if mask_dir is not None and abnormal_dir is None:
         raise DistilladError(f"mask_dir {mask_dir} was given without abnormal_dir; pass abnormal_dir or drop mask_dir")
     if abnormal_dir is not None:
@@ -181,8 +217,8 @@ def folder_samples(
         masks = None
         if mask_dir is not None:
             masks = _pair_masks(images, _existing_dir(mask_dir, "mask_dir"))
-        rows += _rows(images, "abnormal", LabelName.ABNORMAL, "test", masks)
+        rows += sample_rows(images, "abnormal", LabelName.ABNORMAL, "test", masks)
     if normal_test_dir is not None:
         images = _nonempty_images(_existing_dir(normal_test_dir, "normal_test_dir"), "normal_test_dir")
-        rows += _rows(images, "normal", LabelName.NORMAL, "test")
-    return _table(rows)
+        rows += sample_rows(images, "normal", LabelName.NORMAL, "test")
+    return sample_table(rows)

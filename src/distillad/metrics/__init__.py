@@ -8,6 +8,7 @@ from distillad.metrics.spro import (
     auspro_per_group,
     load_defects_config,
     loco_regions,
+    mvtec_loco_metrics,
     mvtec_loco_spro,
     spro_curve,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "f1_max",
     "load_defects_config",
     "loco_regions",
+    "mvtec_loco_metrics",
     "mvtec_loco_spro",
     "pro_curve",
     "rank_normalize",

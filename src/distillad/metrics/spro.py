@@ -46,8 +46,9 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from distillad.data.io import _decode
+from distillad.data.io import _decode, mask_files
 from distillad.errors import DistilladError
+from distillad.metrics.ranking import auroc
 
 LOCO_FPR_LIMIT = 0.05
 """Integration limit of AU-sPRO in MVTec LOCO AD."""
@@ -239,7 +240,7 @@ def mvtec_loco_spro(anomaly_maps: torch.Tensor, samples: pd.DataFrame, defects_c
         anomaly_maps: (N, H, W) or (N, 1, H, W) scores, in the order of ``samples``' rows.
         samples: The test samples of anomalib's ``MVTecLOCO`` datamodule (``datamodule.test_data.samples``):
             ``label`` is ``good``, ``logical_anomalies`` or ``structural_anomalies``; ``mask_path`` a list
-            of mask files (or ``""``).
+            of mask files, or a string of them joined with :data:`~distillad.data.io.MASK_SEPARATOR` (or ``""``).
         defects_config: The category's ``defects_config.json``.
         fpr_limit: Integration limit (0.05 in MVTec LOCO).
 
@@ -251,6 +252,22 @@ def mvtec_loco_spro(anomaly_maps: torch.Tensor, samples: pd.DataFrame, defects_c
         msg = f"{len(samples)} samples for {len(anomaly_maps)} anomaly maps; pass the maps in the samples' order"
         raise DistilladError(msg)
     groups = [None if label == "good" else str(label).removesuffix("_anomalies") for label in samples.label]
-    paths = [([mask] if mask else []) if isinstance(mask, str) else list(mask) for mask in samples.mask_path]
+    paths = [mask_files(mask) if isinstance(mask, str) else list(mask) for mask in samples.mask_path]
     regions = loco_regions(paths, load_defects_config(defects_config), tuple(anomaly_maps.shape[-2:]))
     return auspro_per_group(anomaly_maps, groups, regions, fpr_limit)
+
+
+def mvtec_loco_metrics(anomaly_maps: torch.Tensor, scores: torch.Tensor, samples: pd.DataFrame,
+                       defects_config: str | Path, fpr_limit: float = LOCO_FPR_LIMIT) -> dict[str, float]:
+    """The DSKD paper's MVTec LOCO columns: AU-sPRO and image AUROC for logical and structural anomalies (each
+    against the anomaly-free images), their mean, and AU-sPRO over all anomalies (``sPRO_overall``)."""
+    spro = mvtec_loco_spro(anomaly_maps, samples, defects_config, fpr_limit)
+    metrics = {f"sPRO_{name}": value for name, value in spro.items()}
+    labels = samples.label.astype(str).tolist()
+    groups = sorted({label.removesuffix("_anomalies") for label in labels if label != "good"})
+    for group in groups:
+        chosen = torch.tensor([label in ("good", f"{group}_anomalies") for label in labels])
+        anomalous = torch.tensor([label != "good" for label in labels])
+        metrics[f"image_AUROC_{group}"] = auroc(scores[chosen], anomalous[chosen].long())
+    metrics["image_AUROC_mean"] = float(np.mean([metrics[f"image_AUROC_{group}"] for group in groups]))
+    return metrics
