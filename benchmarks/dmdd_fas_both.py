@@ -32,7 +32,7 @@ def main() -> None:
     for seed in (0, 1):
         for category in ("mtd", "weld"):
             config = RunConfig(model="dmdd", model_options={}, image_size=128, max_steps=64, batch_size=8, seed=seed,
-                               data={"kind": "mvtec", "root": "../shared/data", "category": category})
+                               data={"kind": "mvtec_ad", "root": "../shared/data", "category": category})
             metrics = fit(config, Path("runs/dmdd_fas_both") / f"{category}-{seed}", train_limit=128, test_limit=120,
                           heatmaps=False)
             rows.append({"variant": "student and MSN: FAS", "category": category, "seed": seed,

@@ -87,7 +87,7 @@ def run_variant(name: str, category: str, args: argparse.Namespace) -> dict:
     pipeline._trainer = trainer_with_recorder
     config = pipeline.RunConfig(model="dmdd", model_options={"msn": False, "lr": settings["lr"],
                                                              "pretrained_lr_scale": settings["scale"]},
-                                data={"kind": "mvtec", "root": args.root, "category": category},
+                                data={"kind": "mvtec_ad", "root": args.root, "category": category},
                                 image_size=args.image_size, max_steps=args.steps, batch_size=args.batch_size, seed=0)
     started = time.perf_counter()
     metrics = pipeline.fit(config, args.runs / f"{category}-{name.replace(' ', '_')}", test_limit=args.test_limit,

@@ -107,7 +107,7 @@ def run_cell(args: argparse.Namespace, model_name: str, precision: str, threads:
             self.end = time.perf_counter()
 
     seed_everything(0, verbose=False)
-    config = RunConfig(model=model_name, model_options={}, data={"kind": "mvtec", "root": args.root,
+    config = RunConfig(model=model_name, model_options={}, data={"kind": "mvtec_ad", "root": args.root,
                                                                  "category": args.category},
                        image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size)
     datamodule = build_datamodule(config, train_limit=args.images, test_limit=1)

@@ -55,7 +55,7 @@ def _fit_weld(shared_data: Path, run_dir: Path, model: str, epochs: int, options
     from distillad.pipeline import RunConfig, fit
 
     config = RunConfig(model=model, model_options=options,
-                       data={"kind": "mvtec", "root": str(shared_data), "category": "weld"},
+                       data={"kind": "mvtec_ad", "root": str(shared_data), "category": "weld"},
                        image_size=64, epochs=epochs, batch_size=4)
     return fit(config, run_dir, train_limit=8, test_limit=8, heatmaps=False), run_dir
 

@@ -360,7 +360,7 @@ def test_thirty_steps_on_mtd_find_real_defects(shared_data: Path, tmp_path: Path
     from distillad.pipeline import RunConfig, fit
 
     config = RunConfig(model="dmdd", model_options={}, image_size=128, max_steps=30, batch_size=8, seed=0,
-                       data={"kind": "mvtec", "root": str(shared_data), "category": "mtd"})
+                       data={"kind": "mvtec_ad", "root": str(shared_data), "category": "mtd"})
     metrics = fit(config, tmp_path / "run", train_limit=64, test_limit=60, heatmaps=False)
     assert metrics["image_AUROC"] > 0.65 and metrics["pixel_AUROC"] > 0.58 and metrics["pixel_AUPRO"] > 0.5, metrics
     assert [point["epoch"] for point in metrics["validation_curve"]] == [0, 1, 2, 3]

@@ -210,7 +210,7 @@ def unfinished_run(tmp_path: Path) -> Path:
     """A run directory whose training never finished: config.json but no model.ckpt."""
     run_dir = tmp_path / "unfinished"
     run_dir.mkdir()
-    RunConfig(model="rd", model_options={}, data={"kind": "mvtec", "root": str(tmp_path), "category": "weld"}).save(run_dir)
+    RunConfig(model="rd", model_options={}, data={"kind": "mvtec_ad", "root": str(tmp_path), "category": "weld"}).save(run_dir)
     return run_dir
 
 

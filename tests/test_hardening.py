@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from distillad.errors import DistilladError
 from distillad.storage import atomic_writer, read_checkpoint
 from test_cli import assert_one_line_error, run_main
 
@@ -405,3 +406,16 @@ def test_every_bad_input_is_one_line_naming_the_fix(awkward_root: Path, tmp_path
         else:
             assert_cli_error(result, *cases[name][1])
         assert not (tmp_path / name.replace(" ", "-")).exists(), name
+
+
+def test_runs_saved_before_dataset_names_resume_as_mvtec_ad(tmp_path: Path) -> None:
+    from distillad.pipeline import RunConfig, claim_run_dir
+
+    old = {"model": "rd", "model_options": {}, "data": {"kind": "mvtec", "root": "/data", "category": "weld"}}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    config = RunConfig(model="rd", model_options={}, data={"kind": "mvtec_ad", "root": "/data", "category": "weld"})
+    claim_run_dir(config, tmp_path, resume=True, overwrite=False)  # the same run: no error
+    assert RunConfig.load(tmp_path).data["kind"] == "mvtec_ad"
+    other = RunConfig(model="rd", model_options={}, data={"kind": "mvtec_ad", "root": "/data", "category": "mtd"})
+    with pytest.raises(DistilladError, match="'category': 'weld'"):
+        claim_run_dir(other, tmp_path, resume=True, overwrite=False)

@@ -129,7 +129,7 @@ def test_two_runs_of_one_seed_are_identical(model: str, uninterrupted, shared_da
     from distillad.pipeline import RunConfig, fit
 
     options = {"stage1_epochs": 2, "stage2_epochs": 1} if model == "aand" else {}
-    config = RunConfig(model=model, model_options=options, data={"kind": "mvtec", "root": str(shared_data),
+    config = RunConfig(model=model, model_options=options, data={"kind": "mvtec_ad", "root": str(shared_data),
                                                                  "category": "weld"},
                        image_size=64, epochs=3 if model == "aand" else 2, batch_size=4)
     fit(config, tmp_path / "run", train_limit=8, test_limit=8, heatmaps=False)

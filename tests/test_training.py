@@ -24,7 +24,7 @@ RUN_FILES = {"config.json", "model.ckpt", "checkpoints/last.ckpt", "metrics.json
 
 
 def weld_config(shared_data: Path, model: str, **settings) -> RunConfig:
-    return RunConfig(model=model, model_options={}, data={"kind": "mvtec", "root": str(shared_data), "category": "weld"},
+    return RunConfig(model=model, model_options={}, data={"kind": "mvtec_ad", "root": str(shared_data), "category": "weld"},
                      image_size=64, batch_size=4, **settings)
 
 

@@ -110,7 +110,7 @@ def _example_images(run_dir: Path, count: int) -> list[tuple[str, str]]:
     config = json.loads((run_dir / "config.json").read_text())
     with (run_dir / "test_scores.csv").open() as handle:
         tested = {row["path"] for row in csv.DictReader(handle) if row["label"] == "1"}
-    samples = dataset_layout(config["data"]["kind"]).samples(config["data"]["root"], config["data"]["category"])
+    samples = dataset_layout(config["data"].get("kind", "mvtec_ad")).samples(config["data"]["root"], config["data"]["category"])
     anomalous = samples[samples.image_path.isin(tested)].sort_values("image_path")
     per_type = [list(zip(group.image_path, group.mask_path)) for _, group in anomalous.groupby("label", sort=True)]
     picked: list[tuple[str, str]] = []

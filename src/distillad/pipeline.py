@@ -77,6 +77,11 @@ from distillad.training import ACCELERATORS, PRECISIONS, STRATEGIES, cpu_has_nat
 DISABLED_COMPONENTS = {"post_processor": False, "evaluator": False, "visualizer": False}
 
 
+def normalized_data(data: dict) -> dict:
+    """``config.data`` with the old dataset name ``mvtec`` (runs saved before ``--dataset``) as ``mvtec_ad``."""
+    return {**data, "kind": "mvtec_ad"} if data.get("kind") == "mvtec" else data
+
+
 @dataclass
 class RunConfig:
     """Everything needed to rebuild, re-test and use a run."""
@@ -108,6 +113,9 @@ class RunConfig:
     versions: dict = field(default_factory=dict)
     train_limit: int | None = None
     test_limit: int | None = None
+
+    def __post_init__(self) -> None:
+        self.data = normalized_data(self.data)
 
     def save(self, run_dir: Path) -> None:
         write_json(run_dir / "config.json", asdict(self))
@@ -458,6 +466,7 @@ def claim_run_dir(config: RunConfig, run_dir: Path, resume: bool, overwrite: boo
                "replace it, or another --out")
         raise DistilladError(msg)
     current = asdict(config)
+    previous["data"] = normalized_data(previous.get("data", {}))
     changed = [key for key in RESUME_KEYS if json.loads(json.dumps(current[key])) != previous.get(key, current[key])]
     if changed:
         differences = ", ".join(f"{key} {previous.get(key)!r} -> {current[key]!r}" for key in changed)
