@@ -72,6 +72,19 @@ def test_markdown_reports_paper_triplets_means_and_failed_cells() -> None:
     assert "failed: category 'b' not found" in text
 
 
+def test_markdown_adds_the_mvtec_loco_table_when_cells_report_spro() -> None:
+    loco = {"sPRO_logical": 0.5, "sPRO_structural": 0.7, "sPRO_mean": 0.6, "image_AUROC_logical": 0.8,
+            "image_AUROC_structural": 0.9, "image_AUROC_mean": 0.85}
+    rows = [{"category": "a", "model": "dskd", "image_AUROC": 0.9, "pixel_AUROC": 0.8, "pixel_AUPRO": 0.7, **loco},
+            {"category": "b", "model": "dskd", "image_AUROC": 0.9, "pixel_AUROC": 0.8, "pixel_AUPRO": 0.7,
+             **{key: value / 2 for key, value in loco.items()}}]
+    text = markdown(rows, BenchmarkSettings(root="r"), ["dskd"], ["a", "b"])
+    assert "| a | 50.0/70.0/60.0 · 80.0/90.0/85.0 |" in text
+    assert "| **mean** | 37.5/52.5/45.0 · 60.0/67.5/63.7 |" in text  # 0.6375 is 63.74999... in binary
+    plain = [{key: value for key, value in rows[0].items() if key not in loco}]
+    assert "MVTec LOCO" not in markdown(plain, BenchmarkSettings(root="r"), ["dskd"], ["a"])
+
+
 def test_examples_take_one_image_per_defect_type_in_turn(shared_data: Path, tmp_path: Path) -> None:
     test_dir = shared_data / "mtd" / "test"
     chosen = {kind: sorted((test_dir / kind).glob("*"))[:2] for kind in ("blowhole", "crack", "fray")}

@@ -175,4 +175,47 @@ def test_category_all_runs_every_category_and_reports_a_failure_without_losing_t
 def test_unknown_dataset_is_named() -> None:
     with pytest.raises(DistilladError, match="unknown dataset 'mvtec-ad'"):
         dataset_layout("mvtec-ad")
-    assert set(DATASETS) == {"mvtec_ad", "mpdd", "btad", "mvtec_loco", "mvtec_ad2", "visa"}
+    assert set(DATASETS) == {"mvtec_ad", "mpdd", "btad", "mvtec_loco", "mvtec_ad2", "visa", "realiad", "kolektor"}
+
+
+def test_realiad_follows_its_json_split_and_resolution_folder(weld_images, tmp_path: Path) -> None:
+    root = tmp_path / "Real-IAD"
+    images = root / "realiad_256" / "audiojack"
+    train, test = [], []
+    for index in range(5):
+        name = f"OK/S{index:04d}/audiojack_{index:04d}_OK_C1_20231021.jpg"
+        write(images / name, weld_images[index])
+        train.append({"category": "audiojack", "anomaly_class": "OK", "image_path": name, "mask_path": None})
+    write(images / "OK/S0100/audiojack_0100_OK_C2_20231021.jpg", weld_images[6])
+    test.append({"category": "audiojack", "anomaly_class": "OK",
+                 "image_path": "OK/S0100/audiojack_0100_OK_C2_20231021.jpg", "mask_path": None})
+    for index in range(2):
+        name = f"NG/AK/S{index:04d}/audiojack_{index:04d}_NG_AK_C1_20231021"
+        write(images / f"{name}.jpg", weld_images[8 + index])
+        write(images / f"{name}.png", box_mask(index))
+        test.append({"category": "audiojack", "anomaly_class": "AK", "image_path": f"{name}.jpg",
+                     "mask_path": f"{name}.png"})
+    (root / "realiad_jsons" / "realiad_jsons").mkdir(parents=True)
+    (root / "realiad_jsons" / "realiad_jsons" / "audiojack.json").write_text(
+        json.dumps({"meta": {}, "train": train, "test": test}))
+    assert resolve_categories("realiad", root, ["all"]) == ["audiojack"]
+    samples = dataset_layout("realiad").samples(root, "audiojack")
+    assert samples.groupby("split").size().to_dict() == {"test": 3, "train": 5}
+    assert sorted(samples[samples.label_index == 1].label) == ["AK", "AK"]
+    metrics = fit_one_epoch("realiad", root, "audiojack", tmp_path / "run")
+    assert (metrics["num_test_images"], metrics["num_anomalous"]) == (3, 2)
+
+
+def test_kolektor_labels_parts_by_their_masks_and_splits_without_chance(weld_images, tmp_path: Path) -> None:
+    folder = tmp_path / "data" / "KolektorSDD"
+    empty = np.zeros((96, 96), dtype=np.uint8)
+    for part in range(12):
+        kos = folder / f"kos{part // 4 + 1:02d}"
+        write(kos / f"Part{part % 4}.jpg", weld_images[part])
+        write(kos / f"Part{part % 4}_label.bmp", box_mask(0) if part in (8, 11) else empty)
+    samples = dataset_layout("kolektor").samples(tmp_path / "data", "KolektorSDD")
+    test = samples[samples.split == "test"]
+    assert sorted(Path(path).name for path in test[test.label_index == 1].image_path) == ["Part0.jpg", "Part3.jpg"]
+    assert (samples.split == "train").sum() == 8 and (test.label_index == 0).sum() == 2  # every 5th of 10 normals
+    metrics = fit_one_epoch("kolektor", tmp_path / "data", "KolektorSDD", tmp_path / "run")
+    assert (metrics["num_test_images"], metrics["num_anomalous"]) == (4, 2)

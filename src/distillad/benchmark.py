@@ -287,6 +287,32 @@ def detail_table(rows: list[dict], label_keys: tuple[str, ...] = ("category", "m
     return "\n".join(lines)
 
 
+#: MVTec LOCO's columns (the DSKD paper's table): AU-sPRO and image AUROC, logical / structural / mean.
+LOCO_KEYS = [f"{metric}_{group}" for metric in ("sPRO", "image_AUROC") for group in ("logical", "structural", "mean")]
+
+
+def _loco_section(by_cell: dict, models: list[str], categories: list[str]) -> list[str]:
+    """The MVTec LOCO table, when the cells report sPRO; else nothing."""
+    if not any("sPRO_mean" in row for row in by_cell.values()):
+        return []
+
+    def cell(row: dict | None) -> str:
+        if row is None or "sPRO_mean" not in row:
+            return "-"
+        return " · ".join("/".join(f"{100 * row[f'{metric}_{group}']:.1f}" for group in ("logical", "structural", "mean"))
+                          for metric in ("sPRO", "image_AUROC"))
+
+    lines = ["## MVTec LOCO: AU-sPRO (FPR 0.05) · image AUROC, logical / structural / mean (%)", "",
+             "| category | " + " | ".join(models) + " |", "|" + "---|" * (len(models) + 1)]
+    lines += [f"| {category} | " + " | ".join(cell(by_cell.get((category, m))) for m in models) + " |"
+              for category in categories]
+    means = []
+    for model_name in models:
+        done = [by_cell[(c, model_name)] for c in categories if "sPRO_mean" in by_cell.get((c, model_name), {})]
+        means.append(cell({key: _mean(done, key) for key in LOCO_KEYS}) if done else "-")
+    return [*lines, "| **mean** | " + " | ".join(means) + " |", ""]
+
+
 def markdown(rows: list[dict], settings: BenchmarkSettings, models: list[str], categories: list[str],
              plots: list[str] | None = None) -> str:
     """``results.md``: the papers' I-AUC/P-AUC/PRO table with category means, then every run in detail."""
@@ -316,7 +342,9 @@ def markdown(rows: list[dict], settings: BenchmarkSettings, models: list[str], c
         triplet = "/".join(f"{100 * value:.1f}" if (value := _mean(done, key)) is not None else "-"
                            for key in ("image_AUROC", "pixel_AUROC", "pixel_AUPRO"))
         means.append(triplet + ("" if len(done) == len(categories) else f" ({len(done)} of {len(categories)})"))
-    lines += ["| **mean** | " + " | ".join(means) + " |", "", "## Every run", "", detail_table(rows), "",
+    lines += ["| **mean** | " + " | ".join(means) + " |", ""]
+    lines += _loco_section(by_cell, models, categories)
+    lines += ["## Every run", "", detail_table(rows), "",
               "I-F1max uses the F1-optimal threshold on the test split (reported only); I-F1 @ calibrated thr. uses the "
               "decision threshold from held-out normal images (99th percentile), which `distillad predict` applies. "
               "ms/img: torch inference on random input after a warm-up; peak MB: the cell process's maximum RSS.", ""]
@@ -329,7 +357,8 @@ CSV_FIELDS = ["category", "model", "image_AUROC", "pixel_AUROC", "pixel_AUPRO", 
               "image_F1_at_threshold", "threshold", "train_seconds", "seconds_per_epoch", "seconds_per_step", "train_steps",
               "test_ms_per_image",
               "infer_ms_per_image_batch1", "infer_ms_per_image_batch32", "peak_memory_MB", "parameters_M",
-              "trainable_parameters_M", "backbone", "image_size", "epochs", "seed", "torch_threads", "error"]
+              "trainable_parameters_M", "backbone", "image_size", "epochs", "seed", "torch_threads", *LOCO_KEYS,
+              "sPRO_overall", "error"]
 
 
 def write_tables(rows: list[dict], settings: BenchmarkSettings, models: list[str], categories: list[str], out: Path) -> None:

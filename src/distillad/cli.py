@@ -17,8 +17,8 @@ from distillad.runtime import MODEL_FILES as EXPORT_FORMATS
 from distillad.training import ACCELERATORS, PRECISIONS, STRATEGIES
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
-DATASET_HELP = ("layout of --root: mvtec_ad (default), mpdd, btad, mvtec_loco (sPRO), mvtec_ad2, visa (its 1cls split); "
-                "see README")
+DATASET_HELP = ("layout of --root: mvtec_ad (default), mpdd, btad, mvtec_loco (sPRO), mvtec_ad2, visa (its 1cls split), "
+                "realiad, kolektor; see README")
 DEFAULT_IMAGE_SIZE = 256
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_FIT_EPOCHS = 10

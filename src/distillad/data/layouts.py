@@ -15,13 +15,18 @@ mask is a one-line error naming the image.
 ``mvtec_ad2``  ``ROOT/CAT/{train/good, validation/good, test_public/{good, bad}, test_public/ground_truth/bad}``
 ``visa``       ``ROOT/split_csv/1cls.csv`` (``object, split, label, image, mask``, paths relative to ROOT)
                over ``ROOT/CAT/Data/{Images,Masks}``
+``realiad``    ``ROOT/realiad_jsons/realiad_jsons/CAT.json`` (``train``/``test`` lists, ``OK`` = normal) over
+               ``ROOT/realiad_<1024|512|256|raw>/CAT``
+``kolektor``   ``ROOT/CAT/kosNN/PartK.jpg`` with ``PartK_label.bmp`` (no split shipped: see
+               :data:`KOLEKTOR_TEST_EVERY`)
 =============  =====================================================================================
 
-Real-IAD and KolektorSDD are not read yet; ``--normal-dir`` and friends read any plain folders.
+``--normal-dir`` and friends read any plain folders.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -30,7 +35,8 @@ from pathlib import Path
 import pandas as pd
 from anomalib.data.utils import LabelName
 
-from distillad.data.samples import mvtec_samples, pair_mask_folders, sample_rows, sample_table
+from distillad.data.io import read_mask
+from distillad.data.samples import category_dir, mvtec_samples, pair_mask_folders, sample_rows, sample_table
 from distillad.errors import DistilladError
 
 
@@ -92,6 +98,84 @@ def visa_samples(root: str | Path, category: str) -> pd.DataFrame:
     return sample_table(rows)
 
 
+REALIAD_RESOLUTIONS = ("1024", "512", "256", "raw")
+REALIAD_JSONS = Path("realiad_jsons") / "realiad_jsons"
+
+
+def realiad_categories(root: str | Path) -> list[str]:
+    """The categories Real-IAD's metadata folder lists (``realiad_jsons/realiad_jsons/<category>.json``)."""
+    folder = Path(root) / REALIAD_JSONS
+    if not folder.is_dir():
+        raise DistilladError(f"{folder} does not exist; pass the unpacked Real-IAD folder (it holds realiad_jsons/)")
+    return sorted(path.stem for path in folder.glob("*.json"))
+
+
+def realiad_samples(root: str | Path, category: str) -> pd.DataFrame:
+    """One Real-IAD category under its authors' split (``realiad_jsons/realiad_jsons/<category>.json``: ``train`` and
+    ``test`` lists of ``image_path``, ``mask_path``, ``anomaly_class``, ``OK`` for normal). Image paths are relative to
+    ``realiad_<resolution>/<category>``; the first resolution folder present of 1024, 512, 256, raw is read."""
+    root = Path(root)
+    metadata_path = root / REALIAD_JSONS / f"{category}.json"
+    if not metadata_path.is_file():
+        available = ", ".join(realiad_categories(root)) or "none"
+        raise DistilladError(f"category {category!r} has no {metadata_path} (available: {available})")
+    try:
+        metadata = json.loads(metadata_path.read_text())
+    except (OSError, ValueError) as error:
+        raise DistilladError(f"cannot read {metadata_path} ({error}); pass Real-IAD's own metadata") from error
+    folders = [root / f"realiad_{resolution}" / category for resolution in REALIAD_RESOLUTIONS]
+    images_root = next((folder for folder in folders if folder.is_dir()), None)
+    if images_root is None:
+        raise DistilladError(f"no image folder for {category!r} in {root} (expected realiad_1024/{category} or "
+                             "realiad_512, realiad_256, realiad_raw); unpack one of them there")
+    rows = []
+    for split in ("train", "test"):
+        for item in metadata.get(split, []):
+            image = images_root / item["image_path"]
+            if item.get("anomaly_class") == "OK":
+                rows += sample_rows([image], "good", LabelName.NORMAL, split)
+            elif not item.get("mask_path"):
+                raise DistilladError(f"no mask for anomalous image {image} in {metadata_path}; add its mask")
+            else:
+                rows += sample_rows([image], str(item["anomaly_class"]), LabelName.ABNORMAL, split,
+                                    [str(images_root / item["mask_path"])])
+    return sample_table(rows)
+
+
+def kolektor_categories(root: str | Path) -> list[str]:
+    """Folders of ``root`` that hold KolektorSDD's ``kos*`` part folders."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DistilladError(f"dataset root {root} does not exist; pass the folder that holds the unpacked KolektorSDD")
+    return sorted(path.name for path in root.iterdir() if path.is_dir() and any(path.glob("kos*")))
+
+
+#: KolektorSDD ships no split: every ``KOLEKTOR_TEST_EVERY``-th normal image (in path order) and every defective
+#: one are tested, the other normal images train (the 80/20 share of anomalib's Kolektor, without a random draw).
+KOLEKTOR_TEST_EVERY = 5
+
+
+def kolektor_samples(root: str | Path, category: str) -> pd.DataFrame:
+    """KolektorSDD as distributed: ``ROOT/CATEGORY/kosNN/PartK.jpg`` with ``PartK_label.bmp``; a part is defective
+    when its label has a nonzero pixel."""
+    folder = category_dir(root, category)
+    normal, defective = [], []
+    for image in sorted(folder.glob("kos*/Part*.jpg")):
+        label = image.with_name(f"{image.stem}_label.bmp")
+        if not label.is_file():
+            raise DistilladError(f"no label for {image}: expected {label}; add it or remove the image")
+        (defective if read_mask(label).any() else normal).append((image, label))
+    if not normal:
+        raise DistilladError(f"empty train set: no defect-free parts in {folder}/kos*; pass the KolektorSDD folder")
+    test_normal = normal[KOLEKTOR_TEST_EVERY - 1 :: KOLEKTOR_TEST_EVERY]
+    train = [image for index, (image, _) in enumerate(normal) if index % KOLEKTOR_TEST_EVERY != KOLEKTOR_TEST_EVERY - 1]
+    rows = sample_rows(train, "good", LabelName.NORMAL, "train")
+    rows += sample_rows([image for image, _ in test_normal], "good", LabelName.NORMAL, "test")
+    rows += sample_rows([image for image, _ in defective], "defect", LabelName.ABNORMAL, "test",
+                        [str(label) for _, label in defective])
+    return sample_table(rows)
+
+
 DATASETS: dict[str, DatasetLayout] = {
     "mvtec_ad": DatasetLayout(mvtec_samples, category_folders,
                               "MVTec AD, https://www.mvtec.com/company/research/datasets/mvtec-ad"),
@@ -105,6 +189,9 @@ DATASETS: dict[str, DatasetLayout] = {
                                        validation="validation"), category_folders,
                                "MVTec AD 2, https://www.mvtec.com/company/research/datasets/mvtec-ad-2"),
     "visa": DatasetLayout(visa_samples, visa_categories, "VisA, https://github.com/amazon-science/spot-diff"),
+    "realiad": DatasetLayout(realiad_samples, realiad_categories, "Real-IAD, https://realiad4ad.github.io/Real-IAD"),
+    "kolektor": DatasetLayout(kolektor_samples, kolektor_categories,
+                              "KolektorSDD, https://www.vicos.si/resources/kolektorsdd"),
 }
 
 
