@@ -85,6 +85,19 @@ def test_markdown_adds_the_mvtec_loco_table_when_cells_report_spro() -> None:
     assert "MVTec LOCO" not in markdown(plain, BenchmarkSettings(root="r"), ["dskd"], ["a"])
 
 
+def test_the_paper_preset_gives_every_model_its_papers_settings() -> None:
+    from distillad.benchmark import cell_config
+
+    settings = BenchmarkSettings(root="r", dataset="visa", epochs=3, max_steps=10, preset="paper")
+    aand, rd = cell_config(settings, "candle", "aand"), cell_config(settings, "candle", "rd")
+    assert (aand.backbone, aand.image_size, aand.batch_size, aand.epochs, aand.max_steps) == (
+        "wide_resnet50_2", 256, 16, 220, None)
+    assert (rd.epochs, rd.data) == (200, {"kind": "visa", "root": "r", "category": "candle"})
+    plain = cell_config(BenchmarkSettings(root="r", epochs=3), "a", "aand")
+    assert (plain.backbone, plain.epochs) == ("tf_efficientnet_lite0", 3)
+    assert "each paper's encoder" in markdown([], settings, ["aand"], ["candle"])
+
+
 def test_examples_take_one_image_per_defect_type_in_turn(shared_data: Path, tmp_path: Path) -> None:
     test_dir = shared_data / "mtd" / "test"
     chosen = {kind: sorted((test_dir / kind).glob("*"))[:2] for kind in ("blowhole", "crack", "fray")}

@@ -63,6 +63,7 @@ class BenchmarkSettings:
     accelerator: str = "auto"
     devices: int = 1
     strategy: str = "auto"
+    preset: str | None = None
 
     def check_compatible(self, out: Path) -> None:
         """Refuse to mix cells trained with other settings into ``out``; record the settings otherwise."""
@@ -135,18 +136,29 @@ def _save_examples(model: torch.nn.Module, run_dir: Path, image_size: int) -> No
                         masks=np.array([m for _, m in picked]))
 
 
+def cell_config(settings: BenchmarkSettings, category: str, model_name: str):
+    """The :class:`~distillad.pipeline.RunConfig` of one cell. With ``preset="paper"`` each model takes its own
+    paper's backbone, image size, batch size and epochs (AAND 220, the others 200) instead of the shared ones."""
+    from distillad.models.registry import MODELS
+    from distillad.pipeline import RunConfig
+
+    paper = MODELS[model_name].paper if settings.preset == "paper" and model_name in MODELS else {}
+    return RunConfig(model=model_name, model_options=settings.options.get(model_name, {}),
+                     data={"kind": settings.dataset, "root": settings.root, "category": category},
+                     backbone=paper.get("backbone", settings.backbone), pretrained=settings.pretrained,
+                     image_size=paper.get("image_size", settings.image_size),
+                     epochs=paper.get("epochs", settings.epochs), batch_size=paper.get("batch_size", settings.batch_size),
+                     seed=settings.seed, max_steps=None if paper else settings.max_steps, precision=settings.precision,
+                     accelerator=settings.accelerator, devices=settings.devices, strategy=settings.strategy)
+
+
 def run_cell(settings: BenchmarkSettings, category: str, model_name: str, run_dir: Path) -> dict:
     """Train, test and time one cell in this process; writes and returns its ``result.json``."""
     from distillad.peers import PEERS, run_peer
-    from distillad.pipeline import RunConfig, fit, load_model
+    from distillad.pipeline import fit, load_model
 
     started = time.perf_counter()
-    config = RunConfig(model=model_name, model_options=settings.options.get(model_name, {}),
-                       data={"kind": settings.dataset, "root": settings.root, "category": category},
-                       backbone=settings.backbone, pretrained=settings.pretrained, image_size=settings.image_size,
-                       epochs=settings.epochs, batch_size=settings.batch_size, seed=settings.seed,
-                       max_steps=settings.max_steps, precision=settings.precision, accelerator=settings.accelerator,
-                       devices=settings.devices, strategy=settings.strategy)
+    config = cell_config(settings, category, model_name)
     if model_name in PEERS:
         metrics, module = run_peer(config, run_dir, settings.train_limit, settings.test_limit)
         model = module
@@ -244,6 +256,8 @@ def run_benchmark(settings: BenchmarkSettings, models: list[str], categories: li
 
 def schedule(settings: BenchmarkSettings) -> str:
     """How long every cell trains, in words."""
+    if settings.preset == "paper":
+        return "each paper's epochs (AAND 220, the others 200)"
     return f"{settings.max_steps} step(s)" if settings.max_steps else f"{settings.epochs} epoch(s)"
 
 
@@ -318,12 +332,14 @@ def markdown(rows: list[dict], settings: BenchmarkSettings, models: list[str], c
     """``results.md``: the papers' I-AUC/P-AUC/PRO table with category means, then every run in detail."""
     by_cell = {(row["category"], row["model"]): row for row in rows}
     versions = next((row["versions"] for row in rows if "versions" in row), {})
+    encoder = ("each paper's encoder, image size and batch size" if settings.preset == "paper"
+               else f"{settings.backbone}, {settings.image_size} px, batch {settings.batch_size}")
     limits = ", ".join(f"{name} {value}" for name, value in (("train limit", settings.train_limit),
                                                               ("test limit", settings.test_limit)) if value)
     lines = [
         f"# distillad benchmark: {', '.join(models)} on {', '.join(categories)}", "",
-        f"{settings.backbone} ({'ImageNet weights' if settings.pretrained else 'random weights'}), "
-        f"{settings.image_size} px, {schedule(settings)}, batch {settings.batch_size}, seed {settings.seed}, "
+        f"{encoder} ({'ImageNet weights' if settings.pretrained else 'random weights'}), {schedule(settings)}, "
+        f"seed {settings.seed}, "
         f"precision {settings.precision}"
         + (f", {settings.devices} devices ({settings.strategy})" if settings.devices > 1 else "")
         + (f", {limits}" if limits else "") + (f", options {settings.options}" if settings.options else "")

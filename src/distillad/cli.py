@@ -207,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--categories", type=_name_list, required=True,
                        help="comma-separated categories under --root, or 'all'")
     _add_training_options(bench, DEFAULT_BENCHMARK_EPOCHS)
+    bench.add_argument("--preset", choices=["paper"],
+                       help="'paper': every model with its paper's backbone, image size, batch size and epochs")
     bench.add_argument("--option", type=_model_option, action="append", default=[], metavar="MODEL:KEY=VALUE",
                        help="option for one model, repeatable (e.g. dmdd:msn=False)")
     bench.add_argument("--out", type=Path, default=Path("runs/benchmark"), help="output folder (default: runs/benchmark)")
@@ -314,6 +316,7 @@ def _benchmark(args: argparse.Namespace) -> None:
                                  epochs=args.epochs or DEFAULT_BENCHMARK_EPOCHS,
                                  batch_size=args.batch_size or DEFAULT_BATCH_SIZE, seed=args.seed,
                                  train_limit=args.train_limit, test_limit=args.test_limit, options=options,
+                                 preset=args.preset,
                                  **_trainer_settings(args))
     from distillad.peers import PEERS
 
