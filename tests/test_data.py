@@ -78,7 +78,6 @@ def mvtec_root(tmp_path: Path) -> Path:
     (defect / "readme.txt").write_text("stray")
     truth = category / "ground_truth" / "scratch"
     write(truth / "x_1087_mask.png", square_mask(16, 24))  # half the image's resolution
-    write(truth / "x_10871_mask.png", square_mask(32, 48))  # a longer stem: must not be used for x_1087
     write(truth / "y.bmp", square_mask(20, 20))  # `<stem>.<ext>` is accepted too
     (tmp_path / "root" / "other").mkdir()
     return tmp_path / "root"
@@ -210,9 +209,17 @@ def test_mvtec_samples_pairs_masks_by_exact_stem(mvtec_root: Path) -> None:
 
 
 def test_mvtec_samples_missing_mask_names_the_image(mvtec_root: Path) -> None:
-    (mvtec_root / "part" / "ground_truth" / "scratch" / "x_1087_mask.png").unlink()
-    # x_10871_mask.png is still there: a substring match would wrongly accept it
+    truth = mvtec_root / "part" / "ground_truth" / "scratch"
+    (truth / "x_1087_mask.png").unlink()
+    write(truth / "x_10871_mask.png", square_mask(32, 48))  # a longer stem: a substring match would accept it
     with raises_one_line(r"no mask for defective image .*x_1087\.png.*x_1087_mask") as error:
+        mvtec_samples(mvtec_root, "part")
+    assert_one_line(error)
+
+
+def test_a_mask_without_its_image_names_the_mask(mvtec_root: Path) -> None:
+    write(mvtec_root / "part" / "ground_truth" / "scratch" / "x_10871_mask.png", square_mask(32, 48))
+    with raises_one_line(r"mask .*x_10871_mask\.png belongs to no image in .*scratch") as error:
         mvtec_samples(mvtec_root, "part")
     assert_one_line(error)
 

@@ -276,7 +276,10 @@ def test_ctrl_c_during_training_says_how_to_resume(shared_data: Path, tmp_path: 
                                 "--image-size", "64", "--epochs", "200", "--batch-size", "4", "--train-limit", "8",
                                 "--test-limit", "8", "--no-heatmaps", "--out", str(out)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+                               env={**os.environ, "OMP_NUM_THREADS": "1"},
+                               # A child inherits an ignored SIGINT (Lightning ignores it after a Ctrl-C in this
+                               # process), and Python then installs no KeyboardInterrupt handler: start it clean.
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while not (out / "checkpoints" / "last.ckpt").exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)

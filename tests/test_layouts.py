@@ -60,6 +60,9 @@ def test_btad_reads_ok_and_ko_with_masks_paired_by_name(weld_images, tmp_path: P
     assert (samples.split == "train").sum() == 6 and sorted(test.label_index) == [0, 1, 1, 1]
     metrics = fit_one_epoch("btad", tmp_path / "BTech_Dataset_transformed", "03", tmp_path / "run")
     assert (metrics["num_test_images"], metrics["num_anomalous"]) == (4, 3)
+    write(category / "ground_truth" / "ko" / "0007.png", box_mask(0))  # its image was lost
+    with pytest.raises(DistilladError, match=r"mask .*0007.png belongs to no image"):
+        dataset_layout("btad").samples(tmp_path / "BTech_Dataset_transformed", "03")
 
 
 def test_mpdd_reads_the_mvtec_layout(weld_images, tmp_path: Path) -> None:
@@ -133,6 +136,9 @@ def test_mvtec_loco_uses_its_validation_normals_every_mask_and_reports_spro(weld
                 "image_AUROC_structural"):
         assert 0 <= metrics[key] <= 1, key
     assert metrics["sPRO_mean"] == pytest.approx((metrics["sPRO_logical"] + metrics["sPRO_structural"]) / 2)
+    write(tmp_path / "loco" / "juice_bottle" / "ground_truth" / "logical_anomalies" / "009" / "000.png", box_mask(0))
+    with pytest.raises(DistilladError, match=r"mask .*logical_anomalies/009 belongs to no image"):
+        dataset_layout("mvtec_loco").samples(tmp_path / "loco", "juice_bottle")
 
 
 def test_mvtec_ad2_reads_test_public_and_its_ground_truth(weld_images, tmp_path: Path) -> None:
@@ -170,6 +176,11 @@ def test_category_all_runs_every_category_and_reports_a_failure_without_losing_t
     assert summary["mean"]["image_AUROC"] == summary["categories"][0]["image_AUROC"]
     assert (tmp_path / "runs" / "metal_plate" / "model.ckpt").is_file()
     assert "| **mean** |" in (tmp_path / "runs" / "categories.md").read_text()
+
+
+def test_dataset_folder_asks_for_the_plain_folders(tmp_path: Path) -> None:
+    with pytest.raises(DistilladError, match="--dataset folder reads plain folders"):
+        run(["fit", "--dataset", "folder", "--root", str(tmp_path), "--category", "x", "--out", str(tmp_path / "r")])
 
 
 def test_unknown_dataset_is_named() -> None:

@@ -18,7 +18,7 @@ from distillad.training import ACCELERATORS, PRECISIONS, STRATEGIES
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 DATASET_HELP = ("layout of --root: mvtec_ad (default), mpdd, btad, mvtec_loco (sPRO), mvtec_ad2, visa (its 1cls split), "
-                "realiad, kolektor; see README")
+                "realiad, kolektor; or folder (--normal-dir ...); see README")
 DEFAULT_IMAGE_SIZE = 256
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_FIT_EPOCHS = 10
@@ -222,6 +222,9 @@ def _fit_config(args: argparse.Namespace, category: str | None = None):
     from distillad.models.registry import MODELS
     from distillad.pipeline import RunConfig
 
+    if args.dataset == "folder" and args.normal_dir is None:
+        raise DistilladError("--dataset folder reads plain folders: pass --normal-dir DIR (and --abnormal-dir, "
+                             "--mask-dir, --normal-test-dir) instead of --root")
     if args.normal_dir is not None:
         if args.root is not None:
             raise DistilladError("give either --root/--category or --normal-dir, not both")
@@ -257,7 +260,7 @@ def _fit(args: argparse.Namespace, pipeline) -> None:
     ``OUT/<category>`` and ``OUT/categories.{json,md}`` with their metrics and the mean. A category that fails
     is reported; the others go on."""
     categories = [None]
-    if args.normal_dir is None and args.root is not None and args.category:
+    if args.normal_dir is None and args.root is not None and args.category and args.dataset != "folder":
         from distillad.data.layouts import dataset_layout, resolve_categories
 
         dataset_layout(args.dataset)

@@ -67,7 +67,18 @@ def _pair_masks(images: list[Path], mask_dir: Path) -> list[str]:
                 f"<{_EXTENSIONS_HINT}> (or {image.stem}.<ext>); add the mask or remove the image"
             )
         masks.append(str(candidates[0]))
+    _refuse_orphans([path for paths in by_stem.values() for path in paths], set(masks), images)
     return masks
+
+
+def _refuse_orphans(found: list[Path], used: set[str], images: list[Path]) -> None:
+    """A mask (or mask folder) that no image claims is as wrong as a missing one: its image was lost or renamed."""
+    orphans = sorted(str(path) for path in found if str(path) not in used)
+    if orphans:
+        where = images[0].parent if images else "the defect folder"
+        raise DistilladError(f"mask {orphans[0]} belongs to no image in {where}"
+                             + (f" (and {len(orphans) - 1} more)" if len(orphans) > 1 else "")
+                             + "; add its image or remove the mask")
 
 
 def sample_rows(images: list[Path], label: str, label_index: int, split: str, masks: list[str] | None = None) -> list[dict]:
@@ -122,6 +133,8 @@ def pair_mask_folders(images: list[Path], mask_dir: Path) -> list[str]:
             raise DistilladError(f"no mask for defective image {image}: expected mask files in {mask_dir / image.stem}; "
                                  "add them or remove the image")
         masks.append(MASK_SEPARATOR.join(str(path) for path in files))
+    folders = [path for path in mask_dir.iterdir() if path.is_dir()] if mask_dir.is_dir() else []
+    _refuse_orphans(folders, {str(mask_dir / image.stem) for image in images}, images)
     return masks
 
 
