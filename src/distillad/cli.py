@@ -261,24 +261,23 @@ def _fit(args: argparse.Namespace, pipeline) -> None:
     is reported; the others go on."""
     categories = [None]
     if args.normal_dir is None and args.root is not None and args.category and args.dataset != "folder":
-        from distillad.data.layouts import dataset_layout, resolve_categories
+        from distillad.data.layouts import resolve_categories
 
-        dataset_layout(args.dataset)
         categories = resolve_categories(args.dataset, args.root, args.category)
+
+    def fit_one(category: str | None, out: Path) -> dict:
+        return pipeline.fit(_fit_config(args, category), out, resume=args.resume, train_limit=args.train_limit,
+                            test_limit=args.test_limit, heatmaps=not args.no_heatmaps, overwrite=args.overwrite)
+
     if len(categories) == 1:
-        metrics = pipeline.fit(_fit_config(args, categories[0]), args.out, resume=args.resume,
-                               train_limit=args.train_limit, test_limit=args.test_limit, heatmaps=not args.no_heatmaps,
-                               overwrite=args.overwrite)
-        print(json.dumps(metrics, indent=2))
+        print(json.dumps(fit_one(categories[0], args.out), indent=2))
         print(f"run written to {args.out}")
         return
     rows = []
     for category in categories:
         print(f"[{category}] training into {args.out / category}", file=sys.stderr)
         try:
-            metrics = pipeline.fit(_fit_config(args, category), args.out / category, resume=args.resume,
-                                   train_limit=args.train_limit, test_limit=args.test_limit,
-                                   heatmaps=not args.no_heatmaps, overwrite=args.overwrite)
+            metrics = fit_one(category, args.out / category)
             rows.append({"category": category, **{key: value for key, value in metrics.items()
                                                    if isinstance(value, int | float) and not isinstance(value, bool)}})
         except DistilladError as error:
@@ -310,9 +309,8 @@ def _benchmark(args: argparse.Namespace) -> None:
     for model, model_options in options.items():
         if model in MODELS:
             check_model_options(model, model_options)
-    from distillad.data.layouts import dataset_layout, resolve_categories
+    from distillad.data.layouts import resolve_categories
 
-    dataset_layout(args.dataset)
     categories = resolve_categories(args.dataset, args.root, args.categories)
     settings = BenchmarkSettings(root=str(args.root), dataset=args.dataset, backbone=args.backbone or DEFAULT_BACKBONE,
                                  pretrained=not args.no_pretrained, image_size=args.image_size or DEFAULT_IMAGE_SIZE,

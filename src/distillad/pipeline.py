@@ -144,8 +144,6 @@ class RunConfig:
         if self.accelerator == "gpu" and torch.cuda.device_count() < self.devices:
             problems.append(f"--accelerator gpu with {self.devices} device(s), but {torch.cuda.device_count()} CUDA GPU(s) "
                             "are visible; use --accelerator cpu (or auto), or fewer --devices")
-        if not 0 <= self.val_split_ratio < 1:
-            problems.append(f"val_split_ratio must be in [0, 1), got {self.val_split_ratio}")
         if not 0 < self.false_alarm_rate < 0.5:
             problems.append(f"false_alarm_rate must be in (0, 0.5), got {self.false_alarm_rate}")
         if self.calibration_dir is not None and not Path(self.calibration_dir).is_dir():
@@ -429,8 +427,8 @@ def _trainer(config: RunConfig, run_dir: Path, model: torch.nn.Module, clock: Tr
     schedule = ({"max_steps": config.max_steps, "max_epochs": -1} if config.max_steps
                 else {"max_epochs": config.epochs})
     arguments = {**model.trainer_arguments, **schedule, "default_root_dir": run_dir,
-                 "callbacks": [checkpoint, clock], "logger": CSVLogger(run_dir, name="logs"),
-                 "limit_val_batches": 0, "deterministic": "warn", "enable_model_summary": False, "precision": config.precision,
+                 "callbacks": [checkpoint, clock], "logger": CSVLogger(run_dir, name="logs"), "limit_val_batches": 0,
+                 "deterministic": "warn", "enable_model_summary": False, "precision": config.precision,
                  "accelerator": config.accelerator, "devices": config.devices, "strategy": _strategy(config)}
     return Trainer(**arguments)
 

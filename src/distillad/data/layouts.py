@@ -36,7 +36,7 @@ import pandas as pd
 from anomalib.data.utils import LabelName
 
 from distillad.data.io import read_mask
-from distillad.data.samples import category_dir, mvtec_samples, pair_mask_folders, sample_rows, sample_table
+from distillad.data.samples import category_dir, existing_root, mvtec_samples, pair_mask_folders, sample_rows, sample_table
 from distillad.errors import DistilladError
 
 
@@ -51,10 +51,8 @@ class DatasetLayout:
 
 def category_folders(root: str | Path) -> list[str]:
     """Subfolders of ``root`` that hold a ``train`` folder (the categories of the MVTec-like layouts)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DistilladError(f"dataset root {root} does not exist; pass the folder that contains the category folders")
-    return sorted(path.name for path in root.iterdir() if (path / "train").is_dir() and not path.name.startswith("."))
+    return sorted(path.name for path in existing_root(root).iterdir()
+                  if (path / "train").is_dir() and not path.name.startswith("."))
 
 
 VISA_SPLIT = Path("split_csv") / "1cls.csv"
@@ -204,9 +202,10 @@ def dataset_layout(name: str) -> DatasetLayout:
 
 
 def resolve_categories(name: str, root: str | Path, categories: list[str]) -> list[str]:
-    """``categories`` with ``all`` expanded to every category of ``root``."""
+    """``categories`` with ``all`` expanded to every category of ``root``; an unknown dataset ``name`` is refused."""
+    layout = dataset_layout(name)
     if categories == ["all"]:
-        found = dataset_layout(name).categories(root)
+        found = layout.categories(root)
         if not found:
             raise DistilladError(f"no categories of dataset '{name}' in {root}; pass the unpacked dataset's folder")
         return found

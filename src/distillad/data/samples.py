@@ -111,11 +111,17 @@ def _train_images(folder: Path) -> list[Path]:
     return images
 
 
-def category_dir(root: str | Path, category: str) -> Path:
-    """``root/category``, or a one-line error naming what exists instead."""
+def existing_root(root: str | Path) -> Path:
+    """``root`` as a Path, or a one-line error when it is not a folder."""
     root = Path(root)
     if not root.is_dir():
         raise DistilladError(f"dataset root {root} does not exist; pass the folder that contains the category folders")
+    return root
+
+
+def category_dir(root: str | Path, category: str) -> Path:
+    """``root/category``, or a one-line error naming what exists instead."""
+    root = existing_root(root)
     folder = root / category
     if not folder.is_dir():
         available = ", ".join(path.name for path in _subfolders(root)) or "none"
