@@ -16,7 +16,7 @@ from distillad.components import cosine_distance_map
 from distillad.components.distance import GaussianSmoothing
 from distillad.data import FolderLayout
 from distillad.models.base import held_out_normal_loaders
-from distillad.models.dskd import DSKD, GlobalContextCondensingBlock
+from distillad.models.dskd import DSKD, GlobalContextCondensingBlock, PositionalCondensingBlock
 from distillad.models.dskd.loss import (
     DualStudentLoss,
     _affinity_divergence,
@@ -256,6 +256,37 @@ def test_gccb_with_encoder_width_has_no_convs() -> None:
     features = torch.randn(2, 16, 3, 4)
     assert not list(gccb.parameters())
     torch.testing.assert_close(gccb(features), features.mean(dim=(2, 3), keepdim=True).expand_as(features))
+
+
+def test_positional_gccb_keeps_where_features_are() -> None:
+    torch.manual_seed(0)
+    gccb = PositionalCondensingBlock(16, 60, (5, 6))
+    assert gccb.narrow.out_channels == 2  # 60 // 30 positions: the flattened map holds about g numbers
+    features = torch.randn(2, 16, 5, 6)
+    output = gccb(features)
+    assert output.shape == features.shape
+    assert not torch.allclose(output, output[..., :1, :1].expand_as(output))  # differs per position
+    moved = features.flatten(2)[..., torch.randperm(30)].view_as(features)
+    assert not torch.allclose(gccb(moved), output, atol=1e-3)  # the same features elsewhere: another input
+    with torch.no_grad():
+        vector = gccb.condense(gccb.narrow(features))
+    assert vector.shape == (2, 60, 1, 1)  # through one g-dim vector per image
+    torch.testing.assert_close(gccb.restore(gccb.expand(vector)), output)
+    with pytest.raises(ValueError, match=r"built for \(5, 6\) maps"):
+        gccb(torch.randn(1, 16, 4, 6))
+
+
+def test_positional_gccb_spans_the_stage_four_map_of_the_image_size() -> None:
+    model = tiny_dskd(pretrained=False, gccb_pooling="positional").model.eval()
+    gccb = model.students["global"].embed.gccb
+    assert isinstance(gccb, PositionalCondensingBlock)
+    assert gccb.condense.kernel_size == (2, 2)  # 64 px / 32
+    images = torch.rand(1, 3, 64, 64)
+    assert model.fit_standardization([images]) == 1
+    with torch.no_grad():
+        assert model(images).anomaly_map.shape[-2:] == (64, 64)
+    with pytest.raises(ValueError, match="gccb_pooling='max' must be one of 'mean', 'positional'"):
+        tiny_dskd(pretrained=False, gccb_pooling="max")
 
 
 def test_global_student_starts_as_trainable_copy_of_teacher_stage_four_on_f3() -> None:

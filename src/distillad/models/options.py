@@ -65,6 +65,8 @@ def _describe(annotation: Any) -> str:
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, UnionType):
         return " or ".join(dict.fromkeys(_describe(member) for member in typing.get_args(annotation)))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(choice) for choice in typing.get_args(annotation))
     if origin is tuple:
         return f"a tuple ({', '.join(_describe(member) for member in typing.get_args(annotation))})"
     return _TYPE_NAMES.get(annotation, getattr(annotation, "__name__", str(annotation)))

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 from anomalib.data import InferenceBatch
 from torch import nn
 
-from distillad.backbones import create_encoder
+from distillad.backbones import STAGE_REDUCTIONS, create_encoder
 from distillad.components import (
     FrozenFeatureCache,
     MirrorDecoder,
@@ -48,6 +48,48 @@ class GlobalContextCondensingBlock(nn.Module):
         """(B, C, H, W) -> (B, C, H, W), constant over H and W."""
         condensed = self.compress(features).mean(dim=(2, 3), keepdim=True)
         return self.restore(condensed).expand(-1, -1, *features.shape[-2:])
+
+
+class PositionalCondensingBlock(nn.Module):
+    """A position-aware GCCB, after the bottleneck of GCAD's global branch (which DSKD cites).
+
+    The map is narrowed per position (1x1 conv C -> c, c = max(1, g // (H * W)), so the flattened map holds
+    about g numbers), condensed to one g-dim vector by a conv whose kernel spans the whole map (a fully
+    connected layer over positions: each position has its own weights), and restored by the transposed
+    conv of the same extent and a 1x1 conv c -> C. The vector therefore records what is where, and the
+    restored map differs per position, so a part missing from its place or one too many changes the global
+    decoder's input, which average pooling cannot see. Plain layers, as :class:`GlobalContextCondensingBlock`.
+    The map's size is fixed by the model's input size.
+
+    Args:
+        channels: Channels C of the input and output.
+        condensed_channels: Length g of the condensed vector.
+        spatial_size: (H, W) of the map it condenses.
+    """
+
+    def __init__(self, channels: int, condensed_channels: int, spatial_size: tuple[int, int]) -> None:
+        super().__init__()
+        self.spatial_size = tuple(spatial_size)
+        narrow = max(1, condensed_channels // (self.spatial_size[0] * self.spatial_size[1]))
+        self.narrow = nn.Conv2d(channels, narrow, 1)
+        self.condense = nn.Conv2d(narrow, condensed_channels, self.spatial_size)
+        self.expand = nn.ConvTranspose2d(condensed_channels, narrow, self.spatial_size)
+        self.restore = nn.Conv2d(narrow, channels, 1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, H, W) through one g-dim vector per image."""
+        if tuple(features.shape[-2:]) != self.spatial_size:
+            msg = (f"the positional GCCB was built for {self.spatial_size} maps, got {tuple(features.shape[-2:])}; "
+                   "score images at the model's image size")
+            raise ValueError(msg)
+        return self.restore(self.expand(self.condense(self.narrow(features))))
+
+
+#: GCCB readings by ``gccb_pooling`` name: (C, g, stage-4 map size) -> module.
+CONDENSING_BLOCKS: dict[str, Callable[[int, int, tuple[int, int]], nn.Module]] = {
+    "mean": lambda channels, condensed, _size: GlobalContextCondensingBlock(channels, condensed),
+    "positional": PositionalCondensingBlock,
+}
 
 
 class Student(nn.Module):
@@ -112,6 +154,8 @@ class DSKDModel(nn.Module):
         global_loss: ``"pixel"``, ``"affinity"`` or ``None`` (no global student).
         gccb: Use the GCCB in the global student (Table 6 "w/o" when ``False``).
         gccb_channels: GCCB width g; equal to the teacher's stage-4 width means no 1x1 convs.
+        gccb_pooling: ``"mean"`` (the paper's pooled vector) or ``"positional"`` (GCAD-like, position-aware).
+        image_size: Input size (the positional GCCB's weights span the stage-4 map).
         temperature: Softmax temperature T of the contextual affinity.
         sigma: Gaussian smoothing of the fused map.
         chunk_rows: Row chunk of the contextual affinity (memory only; the result does not depend on it).
@@ -120,6 +164,7 @@ class DSKDModel(nn.Module):
     def __init__(self, backbone: str = "tf_efficientnet_lite0", pretrained: bool = True,
                  weights: str | Path | None = None, local_loss: str | None = "pixel",
                  global_loss: str | None = "affinity", gccb: bool = True, gccb_channels: int = 1024,
+                 gccb_pooling: str = "mean", image_size: tuple[int, int] = (256, 256),
                  temperature: float = 1.0, sigma: float = 4.0, chunk_rows: int = 512) -> None:
         super().__init__()
         self.encoder = frozen(create_encoder(backbone, pretrained=pretrained, weights=weights))
@@ -131,7 +176,9 @@ class DSKDModel(nn.Module):
             self.students["local"] = Student(embed, MirrorDecoder(channels[3], channels[:3], family), local_loss)
         if global_loss is not None:
             stage = copy.deepcopy(self.encoder.stages[3]).requires_grad_(True)
-            condense = GlobalContextCondensingBlock(channels[3], gccb_channels) if gccb else nn.Identity()
+            stage4_size = tuple(-(-side // STAGE_REDUCTIONS[3]) for side in image_size)
+            condense = (CONDENSING_BLOCKS[gccb_pooling](channels[3], gccb_channels, stage4_size) if gccb
+                        else nn.Identity())
             embed = _GlobalEmbedding(stage, condense)
             self.students["global"] = Student(embed, MirrorDecoder(channels[3], channels[:3], family), global_loss)
         self.temperature = temperature
