@@ -3,6 +3,7 @@
     python benchmarks/train_speed.py                                    # rd,dmdd,dskd,aand x 32,bf16-mixed x 1,2 threads
     python benchmarks/train_speed.py --models dmdd --precisions 32 --threads 1 --label before --out /tmp/before
     python benchmarks/train_speed.py --quick --out /tmp/speed           # a check that it runs (64 px, 2 steps an epoch)
+    python benchmarks/train_speed.py --models dmdd --threads 2 --num-workers 0,2   # synthesis in the step / in workers
 
 Each cell runs in its own process with ``torch.set_num_threads(threads)``: Lightning's ``Trainer`` trains the
 model for ``--epochs`` epochs on ``--images`` training images of ``--root/--category`` (batch ``--batch-size``,
@@ -85,7 +86,7 @@ def step_parts(module, images: torch.Tensor, paths: list[str]) -> dict[str, floa
     return {"frozen_s": frozen, "trainable_s": trainable}
 
 
-def run_cell(args: argparse.Namespace, model_name: str, precision: str, threads: int) -> dict:
+def run_cell(args: argparse.Namespace, model_name: str, precision: str, threads: int, workers: int = 0) -> dict:
     """Train one model in this process and time its epochs (and its parts, unless ``--no-limits``)."""
     import warnings
 
@@ -109,7 +110,8 @@ def run_cell(args: argparse.Namespace, model_name: str, precision: str, threads:
     seed_everything(0, verbose=False)
     config = RunConfig(model=model_name, model_options={}, data={"kind": "mvtec_ad", "root": args.root,
                                                                  "category": args.category},
-                       image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size)
+                       image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size,
+                       num_workers=workers)
     datamodule = build_datamodule(config, train_limit=args.images, test_limit=1)
     datamodule.setup()
     module = build_model(config)
@@ -120,7 +122,8 @@ def run_cell(args: argparse.Namespace, model_name: str, precision: str, threads:
     trainer.fit(module, datamodule=datamodule)
     images = len(datamodule.train_data)
     seconds = timer.end - timer.starts[1]
-    result = {"model": model_name, "precision": precision, "threads": threads, "train_images": images,
+    result = {"model": model_name, "precision": precision, "threads": threads, "workers": workers,
+              "train_images": images,
               "steps_per_epoch": -(-images // args.batch_size), "epochs_timed": args.epochs - 1,
               "seconds_per_epoch": seconds / (args.epochs - 1),
               "images_per_s": images * (args.epochs - 1) / seconds}
@@ -137,11 +140,12 @@ def run_cell(args: argparse.Namespace, model_name: str, precision: str, threads:
     return result
 
 
-def _cell_process(args: argparse.Namespace, model: str, precision: str, threads: int, queue) -> None:
+def _cell_process(args: argparse.Namespace, model: str, precision: str, threads: int, workers: int, queue) -> None:
     try:
-        queue.put(run_cell(args, model, precision, threads))
+        queue.put(run_cell(args, model, precision, threads, workers))
     except Exception as error:  # one failing cell is reported, the others go on
-        queue.put({"model": model, "precision": precision, "threads": threads, "error": f"{type(error).__name__}: {error}"})
+        queue.put({"model": model, "precision": precision, "threads": threads, "workers": workers,
+                   "error": f"{type(error).__name__}: {error}"})
 
 
 def markdown(rows: list[dict], args: argparse.Namespace) -> str:
@@ -149,17 +153,19 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
              f"{args.category} from {args.root}, tf_efficientnet_lite0, {args.image_size} px, batch {args.batch_size}, "
              f"{rows[0].get('train_images', '?')} training images, {args.epochs} epochs (the first one untimed); "
              f"one process per cell on {os.cpu_count()} CPU cores, nothing else running.", "",
-             "| model | precision | threads | train images/s | s/step | frozen s/batch | trainable s/batch | "
-             "limit images/s | step / limit |", "|---|---|---|---|---|---|---|---|---|"]
+             "| model | precision | threads | workers | train images/s | s/step | frozen s/batch | trainable s/batch | "
+             "limit images/s | step / limit |", "|---|---|---|---|---|---|---|---|---|---|"]
 
     def number(row: dict, key: str, digits: int = 2) -> str:
         return f"{row[key]:.{digits}f}" if key in row else "-"
 
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['model']} | {row['precision']} | {row['threads']} | failed: {row['error']} |||||| ")
+            lines.append(f"| {row['model']} | {row['precision']} | {row['threads']} | {row.get('workers', 0)} | "
+                         f"failed: {row['error']} |||||| ")
             continue
-        lines.append(f"| {row['model']} | {row['precision']} | {row['threads']} | {number(row, 'images_per_s')} | "
+        lines.append(f"| {row['model']} | {row['precision']} | {row['threads']} | {row.get('workers', 0)} | "
+                     f"{number(row, 'images_per_s')} | "
                      f"{number(row, 'seconds_per_step')} | {number(row, 'frozen_s')} | {number(row, 'trainable_s')} | "
                      f"{number(row, 'limit_images_per_s')} | {number(row, 'step_over_limit')} |")
     lines += ["", "frozen / trainable: one batch's no-grad passes left after the teacher-feature cache / forward + "
@@ -180,6 +186,8 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--num-workers", type=lambda text: [int(t) for t in _names(text)], default=[0],
+                        help="DataLoader workers per cell (comma-separated: one cell each); they run the synthesis")
     parser.add_argument("--no-limits", action="store_true", help="skip timing the parts (for older versions)")
     parser.add_argument("--label", default="after")
     parser.add_argument("--quick", action="store_true", help="64 px, 10 images, batch 4: a check that it runs")
@@ -192,13 +200,15 @@ def main() -> None:
     for model in args.models:
         for precision in args.precisions:
             for threads in args.threads:
-                queue = context.Queue()
-                process = context.Process(target=_cell_process, args=(args, model, precision, threads, queue))
-                process.start()
-                row = queue.get()
-                process.join()
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                for workers in args.num_workers:
+                    queue = context.Queue()
+                    process = context.Process(target=_cell_process,
+                                              args=(args, model, precision, threads, workers, queue))
+                    process.start()
+                    row = queue.get()
+                    process.join()
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"label": args.label, "settings": {
         k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "rows": rows}, indent=2))

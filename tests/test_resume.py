@@ -4,7 +4,8 @@ for bit; and two runs of the same seed agree (determinism on CPU), for every mod
 
 The kill points: inside a training step, right after the first epoch's checkpoint (AAND: inside its
 amplification stage, whose anomaly synthesis must continue where it was), after AAND's last amplification
-epoch (its stage switch), inside DMDD's MSN epoch, during calibration and while writing heatmaps.
+epoch (its stage switch), inside DMDD's MSN epoch (DMDD synthesising in DataLoader workers), during calibration
+and while writing heatmaps.
 """
 
 from __future__ import annotations
@@ -64,12 +65,15 @@ UNTIMED = ("train_seconds", "seconds_per_step", "seconds_per_epoch", "test_ms_pe
 #: AAND's amplification stage gets 2 of 3 epochs, so its second epoch resumes the anomaly synthesis.
 SCHEDULES = {"aand": ("--epochs", "3", "--option", "stage1_epochs=2", "--option", "stage2_epochs=1")}
 DEFAULT_SCHEDULE = ("--epochs", "2")
+#: DMDD synthesises in DataLoader workers (its student's and its MSN's anomalies), the others in the step.
+WORKERS = {"dmdd": 2}
 
 
 def fit_args(shared_data: Path, model: str, out: Path, heatmaps: bool) -> list[str]:
     return ["fit", "--model", model, "--root", str(shared_data), "--category", "weld", "--image-size", "64",
             "--batch-size", "4", "--train-limit", "8", "--test-limit", "8", "--out", str(out),
-            *([] if heatmaps else ["--no-heatmaps"]), *SCHEDULES.get(model, DEFAULT_SCHEDULE)]
+            "--num-workers", str(WORKERS.get(model, 0)), *([] if heatmaps else ["--no-heatmaps"]),
+            *SCHEDULES.get(model, DEFAULT_SCHEDULE)]
 
 
 def run(args: list[str], kill_point: str | None = None) -> subprocess.CompletedProcess:
@@ -131,6 +135,7 @@ def test_two_runs_of_one_seed_are_identical(model: str, uninterrupted, shared_da
     options = {"stage1_epochs": 2, "stage2_epochs": 1} if model == "aand" else {}
     config = RunConfig(model=model, model_options=options, data={"kind": "mvtec_ad", "root": str(shared_data),
                                                                  "category": "weld"},
-                       image_size=64, epochs=3 if model == "aand" else 2, batch_size=4)
+                       image_size=64, epochs=3 if model == "aand" else 2, batch_size=4,
+                       num_workers=WORKERS.get(model, 0))
     fit(config, tmp_path / "run", train_limit=8, test_limit=8, heatmaps=False)
     assert outcome(tmp_path / "run") == outcome(uninterrupted(model))

@@ -33,6 +33,7 @@ from distillad.data.io import check_readable, mask_files, read_image, read_masks
 from distillad.data.samples import SAMPLE_COLUMNS, folder_samples, mvtec_samples
 from distillad.errors import DistilladError
 from distillad.generators import GeneratorsPickleAsBytes
+from distillad.synthesis import SynthesizingCollate
 
 
 class SampleTableDataset(AnomalibDataset):
@@ -262,10 +263,16 @@ class DistilladDataModule(GeneratorsPickleAsBytes, AnomalibDataModule):
         restore the global state), so a resumed run saw other batches. This generator's state travels in
         checkpoints (:meth:`state_dict`), so a resumed run shuffles its next epochs exactly as an
         uninterrupted one.
+
+        With workers, the model's anomaly synthesis (its ``synthesis_plan``) runs in them
+        (:class:`~distillad.synthesis.SynthesizingCollate`), overlapped with the training step.
         """
+        collate = self.external_collate_fn or self.train_data.collate_fn
+        plan = getattr(getattr(self.trainer, "lightning_module", None), "synthesis_plan", None)
+        if self.num_workers > 0 and plan is not None:
+            collate = SynthesizingCollate(collate, plan)
         return DataLoader(dataset=self.train_data, shuffle=True, batch_size=self.train_batch_size,
-                          num_workers=self.num_workers, generator=self.shuffle_generator,
-                          collate_fn=self.external_collate_fn or self.train_data.collate_fn)
+                          num_workers=self.num_workers, generator=self.shuffle_generator, collate_fn=collate)
 
     def state_dict(self) -> dict:
         """What a checkpoint keeps of the datamodule: the shuffling generator's state."""

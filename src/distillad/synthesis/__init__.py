@@ -2,7 +2,8 @@
 
 DRAEM-style synthetic anomalies restricted to the object's foreground, as used by DMDD (Sec. 3.4.1,
 Foreground-aware Anomaly Synthesis) and AAND (pseudo-anomaly masks = Perlin mask intersected with a
-grayscale-threshold foreground). See DESIGN.md "Anomaly synthesis".
+grayscale-threshold foreground), in the training step or in DataLoader workers (:mod:`.workers`). See
+DESIGN.md "Anomaly synthesis".
 """
 
 from distillad.synthesis.foreground import (
@@ -27,6 +28,7 @@ from distillad.synthesis.textures import (
     TextureSource,
     make_texture_source,
 )
+from distillad.synthesis.workers import SynthesisPlan, SynthesizingCollate, WorkerSynthesis, take_synthesis
 
 __all__ = [
     "FOREGROUND_MODES",
@@ -37,8 +39,11 @@ __all__ = [
     "BuiltinTextures",
     "FolderTextures",
     "ForegroundCache",
+    "SynthesisPlan",
     "SynthesisResult",
+    "SynthesizingCollate",
     "TextureSource",
+    "WorkerSynthesis",
     "compute_foreground",
     "grabcut_foreground",
     "make_texture_source",
@@ -46,6 +51,7 @@ __all__ = [
     "perlin_mask",
     "perlin_noise",
     "random_ellipse_mask",
+    "take_synthesis",
     "texture_or_object",
     "threshold_foreground",
     "to_uint8_rgb",

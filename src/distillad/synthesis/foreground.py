@@ -38,7 +38,7 @@ disk, so a second run or a resumed one does not run GrabCut again.
 
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import cv2
@@ -235,6 +235,15 @@ class ForegroundCache:
         whole = sum(bool(np.unpackbits(packed, count=height * width).all())
                     for (_, height, width), packed in self._masks.items())
         return whole / len(self._masks)
+
+    def entries(self, keys: Sequence[str]) -> dict[tuple[str, int, int], np.ndarray]:
+        """The cached (bit-packed) foregrounds of the images ``keys``, for :meth:`update` in another process."""
+        wanted = set(keys)
+        return {entry: packed for entry, packed in self._masks.items() if entry[0] in wanted}
+
+    def update(self, entries: dict[tuple[str, int, int], np.ndarray]) -> None:
+        """Take foregrounds another process computed (a DataLoader worker's :meth:`entries`)."""
+        self._masks.update(entries)
 
     def compute(self, image: torch.Tensor) -> torch.Tensor:
         """The foreground of a (3, H, W) image in [0, 1] as bool (H, W) on the CPU, not cached."""

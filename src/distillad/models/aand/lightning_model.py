@@ -19,7 +19,14 @@ from distillad.models.aand.loss import AmplificationStageLoss, NormalityDistilla
 from distillad.models.aand.torch_model import AANDModel, downsample_mask
 from distillad.models.base import DistillationModule
 from distillad.models.options import AT_LEAST_ONE, COMMON_RULES, NON_NEGATIVE, POSITIVE, PROBABILITY, Rule
-from distillad.synthesis import FOREGROUND_MODES, AnomalySynthesizer, texture_or_object, to_uint8_rgb
+from distillad.synthesis import (
+    FOREGROUND_MODES,
+    AnomalySynthesizer,
+    SynthesisPlan,
+    take_synthesis,
+    texture_or_object,
+    to_uint8_rgb,
+)
 from distillad.synthesis.foreground import AUTO_SAMPLE_IMAGES
 
 
@@ -163,6 +170,7 @@ class AAND(DistillationModule, AnomalibModule):
         self.amplification_loss = AmplificationStageLoss(alpha, max_anomalous_patches, max_normal_patches)
         self.distillation_loss = NormalityDistillationLoss(hard_samples)
         self._synthesizer: AnomalySynthesizer | None = None
+        self.synthesis_plan = SynthesisPlan()  # stage 1's synthesizer, in DataLoader workers when there are any
         self.foreground_choice: tuple[str, float | None] | None = None  # resolved foreground, separability
 
     @property
@@ -192,6 +200,7 @@ class AAND(DistillationModule, AnomalibModule):
             state = self.restored_generator_state("synthesizer")
             if state is not None:
                 self._synthesizer.generator.set_state(state)
+            self.synthesis_plan.add("synthesizer", self._synthesizer)
         return self._synthesizer
 
     def random_generators(self) -> dict[str, torch.Generator]:
@@ -227,15 +236,33 @@ class AAND(DistillationModule, AnomalibModule):
         super().on_fit_start()
         self.check_schedule(self.trainer.max_epochs, self.trainer.max_steps)
 
+    def setup(self, stage: str) -> None:
+        """Build stage 1's synthesizer on the datamodule's training set before the first loader starts its workers
+        (they copy the synthesis plan then)."""
+        super().setup(stage)
+        datamodule = self.trainer.datamodule
+        if stage == "fit" and self.hparams.stage1_epochs > 0 and datamodule is not None:
+            images = sample_images(getattr(datamodule, "train_data", None))
+            if images:
+                self.resolve_foreground(images)
+                self.synthesizer_for(torch.empty(0))
+
     def on_train_start(self) -> None:
         """Resolve an ``auto`` foreground on the training set (its order, not the shuffled batches), so that a
         resumed run chooses as the first did."""
+        if self.foreground_choice is not None:
+            return
         datamodule = self.trainer.datamodule
         dataset = datamodule.train_data if datamodule is not None else getattr(self.trainer.train_dataloader,
                                                                                 "dataset", None)
         images = sample_images(dataset)
         if images:
             self.resolve_foreground(images)
+
+    def on_train_epoch_start(self) -> None:
+        """Stage 2 needs no anomalies: loaders started from now on stop synthesising them."""
+        if self.stage == 2:
+            self.synthesis_plan.pause("synthesizer")
 
     def configure_optimizers(self) -> list[optim.Optimizer]:
         """One Adam per stage: [RAA modules (stage 1),] bottleneck + decoder (stage 2)."""
@@ -248,7 +275,8 @@ class AAND(DistillationModule, AnomalibModule):
 
     def amplification_step_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """L_1 (Eq. 9) on pseudo-anomalies synthesised from the batch's normal images."""
-        synthesis = self.synthesizer_for(batch.image)(batch.image, keys=[str(path) for path in batch.image_path])
+        synthesis = take_synthesis(batch, "synthesizer", self.synthesizer_for(batch.image), batch.image,
+                                   [str(path) for path in batch.image_path])
         vanilla = self.model.encode(synthesis.anomalous)
         masks = [downsample_mask(synthesis.mask, features.shape[-2:]) for features in vanilla]
         weights = [mask.to(features.dtype) for mask, features in zip(masks, vanilla, strict=True)]

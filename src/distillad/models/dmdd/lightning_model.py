@@ -21,7 +21,7 @@ from distillad.models.base import DistillationModule
 from distillad.models.dmdd.loss import AbnormalityInverseMimickingLoss, NormalityGuidanceLoss, SegmentationLoss
 from distillad.models.dmdd.torch_model import DMDDModel
 from distillad.models.options import AT_LEAST_ONE, COMMON_RULES, NON_NEGATIVE, POSITIVE, Rule
-from distillad.synthesis import AnomalySynthesizer
+from distillad.synthesis import AnomalySynthesizer, SynthesisPlan, take_synthesis
 
 
 class SegmentationEpoch(Callback):
@@ -62,7 +62,8 @@ class DMDD(DistillationModule, AnomalibModule):
     foreground. FAS for the student too lowered weld pixel AUROC by 2-6 and AUPRO by 4-15 points over two seeds
     (``benchmarks/results/dmdd_fas_both.md``; on mtd GrabCut falls back on 99 % of the images and nothing
     changes). Textures come from ``texture_dir`` (DTD in the papers; pass it with ``--preset paper``) or the
-    built-in source, which never crops the image being corrupted. On images that fill the frame GrabCut finds
+    built-in source, which never crops the image being corrupted. With ``num_workers > 0`` both syntheses run in
+    the DataLoader workers (:mod:`distillad.synthesis.workers`). On images that fill the frame GrabCut finds
     no object and FAS falls back to the whole image (mtd 99 %, weld 76 % of the training images): the run warns
     and reports the share in ``metrics.json`` (``fas_whole_image_share``).
 
@@ -129,6 +130,8 @@ class DMDD(DistillationModule, AnomalibModule):
         self._fas_reported = False
         self.fas_synthesizer = AnomalySynthesizer(foreground="grabcut" if fas else "none", texture_dir=texture_dir,
                                                   seed=seed + 1)
+        self.synthesis_plan = SynthesisPlan({"synthesizer": self.synthesizer, "fas_synthesizer": self.fas_synthesizer},
+                                            active={"synthesizer"})  # the MSN epoch switches to FAS
 
     def random_generators(self) -> dict[str, torch.Generator]:
         return {"synthesizer": self.synthesizer.generator, "fas_synthesizer": self.fas_synthesizer.generator}
@@ -170,7 +173,8 @@ class DMDD(DistillationModule, AnomalibModule):
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """One dual-modeling distillation step (Sec. 3.3) on normal / synthetic-anomalous pairs."""
         del args, kwargs
-        normal, anomalous, masks = self.synthesizer(batch.image, keys=batch.image_path)
+        normal, anomalous, masks = take_synthesis(batch, "synthesizer", self.synthesizer, batch.image,
+                                                  batch.image_path)
         losses = self.distillation_losses(normal, anomalous, masks)
         loss = sum(losses.values())
         optimizer = self.optimizer(0)
@@ -193,17 +197,19 @@ class DMDD(DistillationModule, AnomalibModule):
         self.model.eval()
         self.model.msn.train()
         total, count = 0.0, 0
-        for batch in tqdm(self.trainer.train_dataloader, desc="MSN epoch", leave=False, unit="batch"):
-            normal, anomalous, masks = self.fas_synthesizer(self.model_inputs(batch.image), keys=batch.image_path)
-            pair = torch.cat([normal, anomalous])
-            pair_masks = torch.cat([torch.zeros_like(masks), masks])
-            with self.trainer.precision_plugin.forward_context():
-                with torch.no_grad():
-                    maps = self.model.distance_maps(pair, self.model.pair_teacher_features(normal, anomalous))
-                logits, score = self.model.msn(maps, pair.shape[-2:])
-                loss = self.segmentation_loss(logits, score, pair_masks)
-            self.optimize_outside_training_step(optimizer, loss)
-            total, count = total + float(loss), count + 1
+        with self.synthesis_plan.using("fas_synthesizer"):  # workers of this pass make FAS pairs only
+            for batch in tqdm(self.trainer.train_dataloader, desc="MSN epoch", leave=False, unit="batch"):
+                normal, anomalous, masks = take_synthesis(batch, "fas_synthesizer", self.fas_synthesizer,
+                                                          self.model_inputs(batch.image), batch.image_path)
+                pair = torch.cat([normal, anomalous])
+                pair_masks = torch.cat([torch.zeros_like(masks), masks])
+                with self.trainer.precision_plugin.forward_context():
+                    with torch.no_grad():
+                        maps = self.model.distance_maps(pair, self.model.pair_teacher_features(normal, anomalous))
+                    logits, score = self.model.msn(maps, pair.shape[-2:])
+                    loss = self.segmentation_loss(logits, score, pair_masks)
+                self.optimize_outside_training_step(optimizer, loss)
+                total, count = total + float(loss), count + 1
         self.model.train()  # keeps the teacher and the student's BatchNorm statistics frozen
         self._report_fas_fallback()
         mean_loss = total / max(count, 1)
