@@ -15,6 +15,7 @@ Lightning. It differs from anomalib's own datamodules where those are wrong for 
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from anomalib.data import ImageItem
 from anomalib.data.datamodules.base.image import AnomalibDataModule
 from anomalib.data.datasets.base.image import AnomalibDataset
 from anomalib.data.utils import LabelName, ValSplitMode
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import Resize, Transform
 
@@ -33,7 +34,12 @@ from distillad.data.io import check_readable, mask_files, read_image, read_masks
 from distillad.data.samples import SAMPLE_COLUMNS, folder_samples, mvtec_samples
 from distillad.errors import DistilladError
 from distillad.generators import GeneratorsPickleAsBytes
-from distillad.synthesis import SynthesizingCollate
+from distillad.synthesis import KeyedDataset, SynthesisBatchSampler, SynthesizingCollate
+
+#: Training-loader workers are forked where that is safe: a spawned worker imports torch and the whole stack
+#: again (about 10 s on 2 cores), and benchmark cells and DDP ranks run in spawned processes, whose loaders would
+#: otherwise spawn too.
+WORKER_START_METHOD = "fork" if sys.platform == "linux" else None
 
 
 class SampleTableDataset(AnomalibDataset):
@@ -264,15 +270,25 @@ class DistilladDataModule(GeneratorsPickleAsBytes, AnomalibDataModule):
         checkpoints (:meth:`state_dict`), so a resumed run shuffles its next epochs exactly as an
         uninterrupted one.
 
-        With workers, the model's anomaly synthesis (its ``synthesis_plan``) runs in them
-        (:class:`~distillad.synthesis.SynthesizingCollate`), overlapped with the training step.
+        A model with a ``synthesis_plan`` gets its anomalies made on the data side, seeded per batch from the same
+        generator (:mod:`distillad.synthesis.workers`): in the workers, overlapped with the training step, when
+        there are any. Workers persist across epochs: starting them anew for every epoch's loader (and DMDD's MSN
+        pass) made the main process copy its memory pages after each fork, which cost DMDD at 256 px a third of its
+        speed (0.95 instead of 2.85 training images/s with 2 workers, ``benchmarks/results/train_speed_workers.md``).
         """
+        sampler = RandomSampler(self.train_data, generator=self.shuffle_generator)
         collate = self.external_collate_fn or self.train_data.collate_fn
+        workers = {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0,
+                   "multiprocessing_context": WORKER_START_METHOD if self.num_workers > 0 else None,
+                   "generator": torch.Generator().manual_seed(self.seed)}  # seeds the workers' global RNGs only
         plan = getattr(getattr(self.trainer, "lightning_module", None), "synthesis_plan", None)
-        if self.num_workers > 0 and plan is not None:
-            collate = SynthesizingCollate(collate, plan)
-        return DataLoader(dataset=self.train_data, shuffle=True, batch_size=self.train_batch_size,
-                          num_workers=self.num_workers, generator=self.shuffle_generator, collate_fn=collate)
+        if plan is None:
+            return DataLoader(self.train_data, batch_size=self.train_batch_size, sampler=sampler, collate_fn=collate,
+                              **workers)
+        batches = SynthesisBatchSampler(sampler, self.train_batch_size, drop_last=False,
+                                        generator=self.shuffle_generator, plan=plan)
+        return DataLoader(KeyedDataset(self.train_data), batch_sampler=batches,
+                          collate_fn=SynthesizingCollate(collate, plan), **workers)
 
     def state_dict(self) -> dict:
         """What a checkpoint keeps of the datamodule: the shuffling generator's state."""

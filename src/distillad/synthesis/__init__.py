@@ -28,7 +28,15 @@ from distillad.synthesis.textures import (
     TextureSource,
     make_texture_source,
 )
-from distillad.synthesis.workers import SynthesisPlan, SynthesizingCollate, WorkerSynthesis, take_synthesis
+from distillad.synthesis.workers import (
+    KeyedDataset,
+    SynthesisBatchSampler,
+    SynthesisKey,
+    SynthesisPlan,
+    SynthesizingCollate,
+    WorkerSynthesis,
+    take_synthesis,
+)
 
 __all__ = [
     "FOREGROUND_MODES",
@@ -39,6 +47,9 @@ __all__ = [
     "BuiltinTextures",
     "FolderTextures",
     "ForegroundCache",
+    "KeyedDataset",
+    "SynthesisBatchSampler",
+    "SynthesisKey",
     "SynthesisPlan",
     "SynthesisResult",
     "SynthesizingCollate",

@@ -238,7 +238,7 @@ class AAND(DistillationModule, AnomalibModule):
 
     def setup(self, stage: str) -> None:
         """Build stage 1's synthesizer on the datamodule's training set before the first loader starts its workers
-        (they copy the synthesis plan then)."""
+        (they copy the synthesizers then)."""
         super().setup(stage)
         datamodule = self.trainer.datamodule
         if stage == "fit" and self.hparams.stage1_epochs > 0 and datamodule is not None:
@@ -258,11 +258,6 @@ class AAND(DistillationModule, AnomalibModule):
         images = sample_images(dataset)
         if images:
             self.resolve_foreground(images)
-
-    def on_train_epoch_start(self) -> None:
-        """Stage 2 needs no anomalies: loaders started from now on stop synthesising them."""
-        if self.stage == 2:
-            self.synthesis_plan.pause("synthesizer")
 
     def configure_optimizers(self) -> list[optim.Optimizer]:
         """One Adam per stage: [RAA modules (stage 1),] bottleneck + decoder (stage 2)."""
@@ -294,6 +289,7 @@ class AAND(DistillationModule, AnomalibModule):
         if stage == 1:
             loss, parts = self.amplification_step_loss(batch)
         else:
+            self.synthesis_plan.pause("synthesizer")  # the data side stops making anomalies nobody uses
             loss, parts = self.distillation_step_loss(batch)
         if loss.requires_grad:  # without a gate, a batch with no anomalous patch has nothing to learn
             optimizer.zero_grad()
