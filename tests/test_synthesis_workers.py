@@ -161,16 +161,17 @@ def _fresh_state(seed: int) -> torch.Tensor:
 
 
 @pytest.mark.slow
-def test_dmdd_takes_both_syntheses_from_its_workers_reproducibly(shared_data: Path) -> None:
+def test_dmdd_takes_both_syntheses_from_its_workers_and_learns_as_without(shared_data: Path) -> None:
     model = _fit(shared_data, "dmdd", workers=2, max_epochs=2)
     assert torch.equal(model.synthesizer.generator.get_state(), _fresh_state(0))  # drawn in workers only
     assert torch.equal(model.fas_synthesizer.generator.get_state(), _fresh_state(1))
     assert model.synthesis_plan.active == {"synthesizer"}  # the MSN epoch's switch to FAS is undone
     assert model.fas_synthesizer.foregrounds.whole_image_share() is not None  # the FAS report sees them
-    again = _fit(shared_data, "dmdd", workers=2, max_epochs=2)
-    for trained, reference in ((model.model.msn, again.model.msn), (model.model.pmn, again.model.pmn)):
-        for first, second in zip(trained.parameters(), reference.parameters(), strict=True):
-            assert np.array_equal(first.detach().numpy(), second.detach().numpy())
+    in_process = _fit(shared_data, "dmdd", workers=0, max_epochs=2)
+    assert not torch.equal(in_process.synthesizer.generator.get_state(), _fresh_state(0))
+    for trained, reference in ((model.model.msn, in_process.model.msn), (model.model.pmn, in_process.model.pmn)):
+        for with_workers, without in zip(trained.parameters(), reference.parameters(), strict=True):
+            assert np.array_equal(with_workers.detach().numpy(), without.detach().numpy())
 
 
 @pytest.mark.slow
@@ -180,3 +181,30 @@ def test_aand_synthesises_in_workers_from_its_first_epoch_and_stops_in_stage_two
     assert model.synthesis_plan.synthesizers["synthesizer"] is synthesizer
     assert torch.equal(synthesizer.generator.get_state(), _fresh_state(0))  # drawn in workers only
     assert model.synthesis_plan.active == frozenset()  # paused when the distillation stage began
+
+
+def test_collect_makes_one_pass_over_its_loader() -> None:
+    from anomalib.data import InferenceBatch
+
+    from distillad.pipeline import collect
+
+    class CountingLoader(DataLoader):
+        passes = 0
+
+        def __iter__(self):
+            CountingLoader.passes += 1  # with workers, each pass starts (and with persistence, prefetches) anew
+            return super().__iter__()
+
+    class Scorer(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = lambda images: InferenceBatch(pred_score=images.mean(dim=(1, 2, 3)),
+                                                       anomaly_map=images.mean(dim=1, keepdim=True))
+
+        @staticmethod
+        def model_inputs(images: torch.Tensor) -> torch.Tensor:
+            return images
+
+    predictions = collect(Scorer(), CountingLoader(Discs(), batch_size=4, collate_fn=ImageBatch.collate), "scoring")
+    assert CountingLoader.passes == 1
+    assert len(predictions.paths) == len(Discs())

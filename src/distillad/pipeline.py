@@ -246,7 +246,8 @@ def collect(model: torch.nn.Module, dataloader: DataLoader, description: str) ->
     """Run ``model`` over an anomalib dataloader and gather scores, maps and ground truth."""
     model.eval()
     paths, scores, maps, labels, masks = [], [], [], [], []
-    for batch in tqdm(dataloader, desc=description, unit="batch", leave=False):
+    # tqdm.auto calls iter() on an iterable and the loop another time: one pass (and set of workers) is enough
+    for batch in tqdm(iter(dataloader), total=len(dataloader), desc=description, unit="batch", leave=False):
         output = model.model(model.model_inputs(batch.image))
         paths.extend(str(p) for p in batch.image_path)
         scores.append(output.pred_score.float().cpu())

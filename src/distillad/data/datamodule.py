@@ -207,6 +207,7 @@ class DistilladDataModule(GeneratorsPickleAsBytes, AnomalibDataModule):
         self._samples = samples
         self.category = category
         self.shuffle_generator = torch.Generator().manual_seed(seed)
+        self._val_loader: DataLoader | None = None
 
     @property
     def samples(self) -> pd.DataFrame:
@@ -215,6 +216,7 @@ class DistilladDataModule(GeneratorsPickleAsBytes, AnomalibDataModule):
 
     def _setup(self, _stage: str | None = None) -> None:
         """Build the train and test datasets from the table, applying ``train_limit``/``test_limit``."""
+        self._val_loader = None
         train = self._samples[self._samples.split == "train"]
         test = self._samples[self._samples.split == "test"]
         if self.train_limit is not None:
@@ -278,8 +280,7 @@ class DistilladDataModule(GeneratorsPickleAsBytes, AnomalibDataModule):
         """
         sampler = RandomSampler(self.train_data, generator=self.shuffle_generator)
         collate = self.external_collate_fn or self.train_data.collate_fn
-        workers = {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0,
-                   "multiprocessing_context": WORKER_START_METHOD if self.num_workers > 0 else None,
+        workers = {**self._worker_options(),
                    "generator": torch.Generator().manual_seed(self.seed)}  # seeds the workers' global RNGs only
         plan = getattr(getattr(self.trainer, "lightning_module", None), "synthesis_plan", None)
         if plan is None:
@@ -289,6 +290,15 @@ class DistilladDataModule(GeneratorsPickleAsBytes, AnomalibDataModule):
                                         generator=self.shuffle_generator, plan=plan)
         return DataLoader(KeyedDataset(self.train_data), batch_sampler=batches,
                           collate_fn=SynthesizingCollate(collate, plan), **workers)
+
+    def __getstate__(self) -> dict:
+        """Without the validation loader: its live workers do not pickle (DDP spawns copies of the datamodule)."""
+        return {**super().__getstate__(), "_val_loader": None}
+
+    def _worker_options(self) -> dict:
+        """Workers that persist across passes, forked where that is safe (:data:`WORKER_START_METHOD`)."""
+        return {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0,
+                "multiprocessing_context": WORKER_START_METHOD if self.num_workers > 0 else None}
 
     def state_dict(self) -> dict:
         """What a checkpoint keeps of the datamodule: the shuffling generator's state."""
@@ -300,10 +310,18 @@ class DistilladDataModule(GeneratorsPickleAsBytes, AnomalibDataModule):
             self.shuffle_generator.set_state(state_dict["shuffle_generator"])
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
-        """The validation loader, or an empty list (Lightning then skips validation) without a split."""
+        """The validation loader, or an empty list (Lightning then skips validation) without a split.
+
+        One loader for the whole run, its workers kept alive: the per-epoch synthetic validation iterates it
+        every epoch, and new workers for each pass made the main process copy its memory pages after every fork.
+        """
         if not hasattr(self, "val_data"):
             return []
-        return super().val_dataloader()
+        if self._val_loader is None:
+            self._val_loader = DataLoader(self.val_data, batch_size=self.eval_batch_size, shuffle=False,
+                                          collate_fn=self.external_collate_fn or self.val_data.collate_fn,
+                                          **self._worker_options())
+        return self._val_loader
 
 
 class MVTecLayout(DistilladDataModule):

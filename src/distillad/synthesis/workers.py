@@ -11,11 +11,10 @@ which synthesises in the step itself when a batch carries none (another datamodu
 for this loader).
 
 Randomness: each batch's anomalies depend on its seed and images only, and the seeds are drawn in the main
-process, so a run repeats itself under a seed, and a resumed run (the shuffling generator's state travels in
-checkpoints) draws what an uninterrupted one does. Runs with and without workers draw alike batch for batch
-(``tests/test_synthesis_workers.py``) but can differ by epoch: Lightning's prefetching with workers may start
-the sampler's next pass early (a pass DMDD's MSN epoch then starts anew), so they differ as two seeds do.
-Under DDP each rank adds its rank to the seed.
+process, so a run draws the same anomalies with any number of workers, and a resumed run (the shuffling
+generator's state travels in checkpoints) the same as an uninterrupted one. Loops over the loader must make one
+pass per ``iter()``: with persistent workers every ``iter()`` prefetches (and seeds) a new pass. Under DDP each
+rank adds its rank to the seed.
 """
 
 from __future__ import annotations

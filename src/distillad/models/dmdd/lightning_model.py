@@ -198,7 +198,8 @@ class DMDD(DistillationModule, AnomalibModule):
         self.model.msn.train()
         total, count = 0.0, 0
         with self.synthesis_plan.using("fas_synthesizer"):  # workers of this pass make FAS pairs only
-            for batch in tqdm(self.trainer.train_dataloader, desc="MSN epoch", leave=False, unit="batch"):
+            loader = self.trainer.train_dataloader  # tqdm.auto calls iter() on an iterable: hand it the one pass
+            for batch in tqdm(iter(loader), total=len(loader), desc="MSN epoch", leave=False, unit="batch"):
                 normal, anomalous, masks = take_synthesis(batch, "fas_synthesizer", self.fas_synthesizer,
                                                           self.model_inputs(batch.image), batch.image_path)
                 pair = torch.cat([normal, anomalous])
