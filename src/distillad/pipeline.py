@@ -53,7 +53,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms.v2.functional import resize
 from tqdm.auto import tqdm
 
-from distillad.data import DistilladDataModule, FolderLayout, read_image
+from distillad.data import DistilladDataModule, FolderLayout, one_pass, read_image
 from distillad.data.io import check_readable
 from distillad.data.layouts import dataset_layout
 from distillad.errors import DistilladError
@@ -246,8 +246,7 @@ def collect(model: torch.nn.Module, dataloader: DataLoader, description: str) ->
     """Run ``model`` over an anomalib dataloader and gather scores, maps and ground truth."""
     model.eval()
     paths, scores, maps, labels, masks = [], [], [], [], []
-    # tqdm.auto calls iter() on an iterable and the loop another time: one pass (and set of workers) is enough
-    for batch in tqdm(iter(dataloader), total=len(dataloader), desc=description, unit="batch", leave=False):
+    for batch in one_pass(dataloader, description):
         output = model.model(model.model_inputs(batch.image))
         paths.extend(str(p) for p in batch.image_path)
         scores.append(output.pred_score.float().cpu())

@@ -17,6 +17,7 @@ _LAZY = {
     "FolderLayout": "distillad.data.datamodule",
     "MVTecLayout": "distillad.data.datamodule",
     "SampleTableDataset": "distillad.data.datamodule",
+    "one_pass": "distillad.data.datamodule",
     "SAMPLE_COLUMNS": "distillad.data.samples",
     "folder_samples": "distillad.data.samples",
     "list_images": "distillad.data.samples",
@@ -34,6 +35,7 @@ __all__ = [
     "is_image_file",
     "list_images",
     "mvtec_samples",
+    "one_pass",
     "read_image",
     "read_mask",
 ]

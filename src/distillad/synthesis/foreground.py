@@ -236,10 +236,10 @@ class ForegroundCache:
                     for (_, height, width), packed in self._masks.items())
         return whole / len(self._masks)
 
-    def entries(self, keys: Sequence[str]) -> dict[tuple[str, int, int], np.ndarray]:
-        """The cached (bit-packed) foregrounds of the images ``keys``, for :meth:`update` in another process."""
-        wanted = set(keys)
-        return {entry: packed for entry, packed in self._masks.items() if entry[0] in wanted}
+    def entries(self, keys: Sequence[str], height: int, width: int) -> dict[tuple[str, int, int], np.ndarray]:
+        """The cached (bit-packed) foregrounds of the (H, W) images ``keys``, for :meth:`update` in another process."""
+        wanted = ((key, int(height), int(width)) for key in keys)
+        return {entry: self._masks[entry] for entry in wanted if entry in self._masks}
 
     def update(self, entries: dict[tuple[str, int, int], np.ndarray]) -> None:
         """Take foregrounds another process computed (a DataLoader worker's :meth:`entries`)."""

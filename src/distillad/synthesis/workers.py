@@ -146,7 +146,8 @@ class SynthesizingCollate:
                 synthesizer = self.plan.synthesizers[name]
                 synthesizer.generator.manual_seed((key.seed + _SEED_STRIDE * (index + 1)) % 2**63)
                 result = synthesizer(batch.image, keys=paths)
-                made[name] = WorkerSynthesis(result.anomalous, result.mask, synthesizer.foregrounds.entries(paths))
+                foregrounds = synthesizer.foregrounds.entries(paths, *batch.image.shape[-2:])
+                made[name] = WorkerSynthesis(result.anomalous, result.mask, foregrounds)
         batch.synthesis = made
         return batch
 

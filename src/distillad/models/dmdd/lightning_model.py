@@ -15,8 +15,8 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn, optim
-from tqdm.auto import tqdm
 
+from distillad.data import one_pass
 from distillad.models.base import DistillationModule
 from distillad.models.dmdd.loss import AbnormalityInverseMimickingLoss, NormalityGuidanceLoss, SegmentationLoss
 from distillad.models.dmdd.torch_model import DMDDModel
@@ -198,8 +198,7 @@ class DMDD(DistillationModule, AnomalibModule):
         self.model.msn.train()
         total, count = 0.0, 0
         with self.synthesis_plan.using("fas_synthesizer"):  # workers of this pass make FAS pairs only
-            loader = self.trainer.train_dataloader  # tqdm.auto calls iter() on an iterable: hand it the one pass
-            for batch in tqdm(iter(loader), total=len(loader), desc="MSN epoch", leave=False, unit="batch"):
+            for batch in one_pass(self.trainer.train_dataloader, "MSN epoch"):
                 normal, anomalous, masks = take_synthesis(batch, "fas_synthesizer", self.fas_synthesizer,
                                                           self.model_inputs(batch.image), batch.image_path)
                 pair = torch.cat([normal, anomalous])
