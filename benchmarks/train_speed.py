@@ -4,6 +4,7 @@
     python benchmarks/train_speed.py --models dmdd --precisions 32 --threads 1 --label before --out /tmp/before
     python benchmarks/train_speed.py --quick --out /tmp/speed           # a check that it runs (64 px, 2 steps an epoch)
     python benchmarks/train_speed.py --models dmdd --threads 2 --num-workers 0,2   # synthesis in the step / in workers
+    python benchmarks/train_speed.py --models dmdd --precisions 32 --option bf16_frozen_passes=False
 
 Each cell runs in its own process with ``torch.set_num_threads(threads)``: Lightning's ``Trainer`` trains the
 model for ``--epochs`` epochs on ``--images`` training images of ``--root/--category`` (batch ``--batch-size``,
@@ -31,11 +32,18 @@ import multiprocessing
 import os
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 MODELS = ("rd", "dmdd", "dskd", "aand")
+
+
+def _option(text: str) -> tuple[str, object]:
+    from distillad.cli import _option as parse
+
+    return parse(text)
 
 
 def _names(text: str) -> list[str]:
@@ -61,12 +69,15 @@ def step_parts(module, images: torch.Tensor, paths: list[str]) -> dict[str, floa
         normal, anomalous, masks = module.synthesizer(images, keys=paths)
         pair = torch.cat([normal, anomalous])
         model.teacher_cache(model.teacher_features, normal)
-        frozen = _timed(lambda: model.teacher_features(anomalous))
+        frozen_passes = getattr(module, "frozen_passes", nullcontext)  # bfloat16 where the CPU has it
+        with frozen_passes():
+            frozen = _timed(lambda: model.teacher_features(anomalous))
         trainable = _timed(lambda: sum(module.distillation_losses(normal, anomalous, masks).values()).backward()) - frozen
         if model.msn is not None:
             with no_grad:
                 maps = model.distance_maps(pair)
-            frozen += _timed(lambda: no_grad(model.distance_maps)(pair, model.pair_teacher_features(normal, anomalous)))
+            with frozen_passes():
+                frozen += _timed(lambda: no_grad(model.distance_maps)(pair, model.pair_teacher_features(normal, anomalous)))
             pair_masks = torch.cat([torch.zeros_like(masks), masks])
             trainable += _timed(lambda: module.segmentation_loss(*model.msn(maps, pair.shape[-2:]), pair_masks).backward())
         return {"frozen_s": frozen, "trainable_s": trainable}
@@ -108,7 +119,7 @@ def run_cell(args: argparse.Namespace, model_name: str, precision: str, threads:
             self.end = time.perf_counter()
 
     seed_everything(0, verbose=False)
-    config = RunConfig(model=model_name, model_options={}, data={"kind": "mvtec_ad", "root": args.root,
+    config = RunConfig(model=model_name, model_options=dict(args.option), data={"kind": "mvtec_ad", "root": args.root,
                                                                  "category": args.category},
                        image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size,
                        num_workers=workers)
@@ -188,6 +199,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--num-workers", type=lambda text: [int(t) for t in _names(text)], default=[0],
                         help="DataLoader workers per cell (comma-separated: one cell each); they run the synthesis")
+    parser.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                        help="model option for every cell, repeatable (e.g. bf16_frozen_passes=False)")
     parser.add_argument("--no-limits", action="store_true", help="skip timing the parts (for older versions)")
     parser.add_argument("--label", default="after")
     parser.add_argument("--quick", action="store_true", help="64 px, 10 images, batch 4: a check that it runs")

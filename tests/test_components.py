@@ -114,6 +114,20 @@ def test_cosine_distance_map_hand_values() -> None:
     torch.testing.assert_close(result, expected)
 
 
+def test_cosine_distances_are_float32_from_bfloat16_features() -> None:
+    """Near 1 a bfloat16 cosine resolves only 2^-8: distances of bfloat16 features are taken in float32."""
+    torch.manual_seed(0)
+    teacher = torch.randn(2, 64, 4, 4)
+    student = (teacher + 0.01 * torch.randn_like(teacher)).bfloat16()
+    teacher = teacher.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        distance = cosine_distance_map(teacher, student)
+        flat = flattened_cosine_distance(teacher, student)
+    assert distance.dtype == flat.dtype == torch.float32
+    torch.testing.assert_close(distance, cosine_distance_map(teacher.float(), student.float()))
+    torch.testing.assert_close(flat, flattened_cosine_distance(teacher.float(), student.float()))
+
+
 def test_cosine_distance_map_is_per_sample_and_per_pixel() -> None:
     teacher = torch.zeros(2, 3, 2, 2, dtype=torch.float64)
     teacher[:, 0] = 1

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch import Trainer
 from lightning.pytorch.plugins.precision import Precision
 from torchvision.transforms.v2.functional import resize
 
@@ -54,6 +55,52 @@ def test_aim_gradient_does_not_vanish_at_the_start() -> None:
     module.distillation_losses(normal, anomalous, masks)["aim"].backward()
     for conv, width in zip(module.model.student.decouple, module.model.teacher.channels, strict=True):
         assert conv.weight.grad[width:].norm() > 1e-4  # the abnormality half
+
+
+def test_frozen_passes_use_bfloat16_only_in_float32_training_on_a_native_bf16_cpu(monkeypatch) -> None:
+    monkeypatch.setattr("distillad.models.base.cpu_has_native_bf16", lambda unknown: True)
+
+    def autocast_in(module: DMDD) -> bool:
+        with module.frozen_passes():
+            return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+    module = make()
+    assert not autocast_in(module)  # no trainer: no training run
+    module.trainer = Trainer(precision="32", accelerator="cpu", logger=False)
+    assert autocast_in(module)
+    switched_off = make(bf16_frozen_passes=False)
+    switched_off.trainer = module.trainer
+    assert not autocast_in(switched_off)
+    mixed = make()
+    mixed.trainer = Trainer(precision="bf16-mixed", accelerator="cpu", logger=False)
+    with torch.autocast("cpu", dtype=torch.float16), mixed.frozen_passes():  # the trainer's own is left as it is
+        assert torch.get_autocast_dtype("cpu") == torch.float16
+    monkeypatch.setattr("distillad.models.base.cpu_has_native_bf16", lambda unknown: False)
+    assert not autocast_in(module)
+
+
+def test_training_encodes_only_the_synthetic_twins_in_bfloat16(monkeypatch) -> None:
+    """The cached normal features (the NGM targets) stay float32; the twins' pass is the one bfloat16 pays for."""
+    monkeypatch.setattr("distillad.models.base.cpu_has_native_bf16", lambda unknown: True)
+    module = make()
+    module.trainer = Trainer(precision="32", accelerator="cpu", logger=False)
+    model = module.model.train()
+    normal, anomalous, masks = module.synthesizer(real_images(4))
+    encoded = []
+    teacher_features = model.teacher_features
+    monkeypatch.setattr(model, "teacher_features", lambda images: encoded.append(
+        (images, torch.is_autocast_enabled("cpu"))) or teacher_features(images))
+    module.distillation_losses(normal, anomalous, masks)
+    assert [(torch.equal(images, expected), autocast) for (images, autocast), expected
+            in zip(encoded, [normal, anomalous], strict=True)] == [(True, False), (True, True)]
+    features = model.pair_teacher_features(normal, anomalous, module.frozen_passes())
+    with torch.no_grad():
+        exact = model.teacher(torch.cat([normal, anomalous]))
+    for pair, reference in zip(features, exact, strict=True):
+        assert pair.dtype == torch.float32
+        torch.testing.assert_close(pair[:4], reference[:4], rtol=1e-4, atol=1e-5)
+        twin_distance = 1 - F.cosine_similarity(pair[4:], reference[4:], dim=1)
+        assert 0 < twin_distance.mean() < 5e-3  # bfloat16 rounding, no more
 
 
 def test_pretrained_stages_and_new_layers_are_separate_optimiser_groups() -> None:
@@ -199,18 +246,24 @@ def test_training_decreases_both_losses_on_real_images() -> None:
     assert distance_inside_anomaly(1) > inside_before + 0.02
 
 
-def test_msn_epoch_trains_only_the_segmentation_network() -> None:
+def test_msn_epoch_trains_only_the_segmentation_network(monkeypatch) -> None:
+    monkeypatch.setattr("distillad.models.base.cpu_has_native_bf16", lambda unknown: True)
     module = make()
     images = real_images(4)
 
     batch = SimpleNamespace(image=images, image_path=[f"image_{i}" for i in range(4)])
-    module._trainer = SimpleNamespace(train_dataloader=[batch], precision_plugin=Precision())
+    module._trainer = SimpleNamespace(train_dataloader=[batch], precision_plugin=Precision(), precision="32-true")
     module.optimizers = lambda: module.configure_optimizers()
     module.log = lambda *args, **kwargs: None
+    student_passes = []
+    student_features = module.model.student_features
+    monkeypatch.setattr(module.model, "student_features", lambda images: student_passes.append(
+        torch.is_autocast_enabled("cpu")) or student_features(images))
     before = {name: p.detach().clone() for name, p in module.model.named_parameters()}
     module.train_segmentation_epoch()
     changed = {name for name, p in module.model.named_parameters() if not torch.equal(p, before[name])}
     assert changed and all(name.startswith("msn.") for name in changed)
+    assert student_passes == [True]  # the frozen student in bfloat16 (float32 training, native-bf16 CPU)
     assert module.model.student.training and all(not bn.training for bn in module.model.student_batchnorms)
 
 

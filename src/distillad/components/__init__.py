@@ -5,6 +5,7 @@ from distillad.components.bottleneck import OneClassBottleneck
 from distillad.components.decoder import MirrorDecoder
 from distillad.components.distance import (
     MultiScaleAnomalyMap,
+    at_least_float32,
     cosine_distance_map,
     flattened_cosine_distance,
     gaussian_smoothing,
@@ -19,6 +20,7 @@ __all__ = [
     "MultiScaleAnomalyMap",
     "OneClassBottleneck",
     "UpsamplingResidualBlock",
+    "at_least_float32",
     "block_family",
     "cosine_distance_map",
     "flattened_cosine_distance",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, ClassVar
 
 import torch
@@ -20,6 +21,7 @@ from torchvision.transforms.v2 import Resize
 
 from distillad.metrics import RawScoreAUROC
 from distillad.models.options import COMMON_RULES, Rule, check_options
+from distillad.training import cpu_has_native_bf16
 
 
 class DistillationModule:
@@ -163,6 +165,23 @@ class DistillationModule:
                 "the datamodule's validation split is taken from its test split (val_split_mode=%s): anomalib's "
                 "threshold would be fitted on test images; pass val_split_mode='from_train'",
                 ValSplitMode(self.trainer.datamodule.val_split_mode).value)
+
+    def frozen_pass_autocast(self, enabled: bool = True) -> AbstractContextManager:
+        """bfloat16 autocast for the no-grad passes of a float32 training run on a CPU known to compute bfloat16
+        natively (:func:`~distillad.training.cpu_has_native_bf16`); a null context otherwise (also without a
+        trainer, and under ``bf16-mixed`` / ``16-mixed``, whose autocast already covers every pass).
+
+        Frozen passes are forward-only, where bfloat16 pays most: on 2 AVX512-BF16 cores (Lite0, 256 px, no
+        grad) the teacher encodes 16 images in 0.14 s instead of 0.36 s, and DMDD's student 32 in 0.48 s instead
+        of 0.92 s, with features within 1e-3 of float32 in cosine distance. Distances are taken in float32
+        (:func:`~distillad.components.distance.cosine_distance_map`). Trainable passes, inference and export
+        stay float32.
+        """
+        trainer = self._trainer
+        if not (enabled and trainer is not None and self.device.type == "cpu" and trainer.precision == "32-true"
+                and cpu_has_native_bf16(unknown=False)):
+            return nullcontext()
+        return torch.autocast("cpu", dtype=torch.bfloat16)
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -67,6 +68,11 @@ class DMDD(DistillationModule, AnomalibModule):
     no object and FAS falls back to the whole image (mtd 99 %, weld 76 % of the training images): the run warns
     and reports the share in ``metrics.json`` (``fas_whole_image_share``).
 
+    Frozen passes. The teacher on the anomalous twins (student step and MSN epoch) and the MSN epoch's frozen
+    student take no gradient; on a CPU with native bfloat16 they run under bfloat16 autocast in float32 training
+    (:meth:`~distillad.models.base.DistillationModule.frozen_pass_autocast`), the normal images' cached teacher
+    features and every distance stay float32. FIXME_MEASURE
+
     Args:
         backbone: timm encoder (the paper: ``wide_resnet50_2``; default ``tf_efficientnet_lite0`` works offline).
         pretrained: Pretrained teacher and student initialisation.
@@ -85,6 +91,8 @@ class DMDD(DistillationModule, AnomalibModule):
         texture_dir: DTD-style texture folder for synthesis; without it a built-in source is used.
         seed: Seed of the anomaly synthesisers.
         sigma: Gaussian smoothing of the summed map when ``msn=False``.
+        bf16_frozen_passes: In float32 training on a CPU with native bfloat16, encode the synthetic twins with the
+            teacher, and run the MSN epoch's frozen student, under bfloat16 autocast (see "Frozen passes").
         pre_processor, post_processor, evaluator, visualizer: anomalib components or flags.
     """
 
@@ -112,6 +120,7 @@ class DMDD(DistillationModule, AnomalibModule):
         texture_dir: str | Path | None = None,
         seed: int = 0,
         sigma: float = 4.0,
+        bf16_frozen_passes: bool = True,
         pre_processor: nn.Module | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
@@ -156,7 +165,7 @@ class DMDD(DistillationModule, AnomalibModule):
                             masks: torch.Tensor) -> dict[str, torch.Tensor]:
         """L_NGM and L_AIM for a batch of normal images, their anomalous twins and the twins' masks."""
         pair = torch.cat([normal, anomalous])
-        teacher = self.model.pair_teacher_features(normal, anomalous)
+        teacher = self.model.pair_teacher_features(normal, anomalous, self.frozen_passes())
         student = self.model.student_features(pair)
         batch = len(normal)
         losses = {}
@@ -169,6 +178,11 @@ class DMDD(DistillationModule, AnomalibModule):
                               torch.zeros_like(masks))
                 + self.aim_loss([t[batch:] for t in teacher], [s[batch:] for s in student["abnormality"]], masks))
         return losses
+
+    def frozen_passes(self) -> AbstractContextManager:
+        """The context of the step's no-grad passes: bfloat16 autocast where :meth:`frozen_pass_autocast` allows
+        it and ``bf16_frozen_passes`` is on."""
+        return self.frozen_pass_autocast(self.hparams.bf16_frozen_passes)
 
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """One dual-modeling distillation step (Sec. 3.3) on normal / synthetic-anomalous pairs."""
@@ -205,7 +219,9 @@ class DMDD(DistillationModule, AnomalibModule):
                 pair_masks = torch.cat([torch.zeros_like(masks), masks])
                 with self.trainer.precision_plugin.forward_context():
                     with torch.no_grad():
-                        maps = self.model.distance_maps(pair, self.model.pair_teacher_features(normal, anomalous))
+                        teacher = self.model.pair_teacher_features(normal, anomalous, self.frozen_passes())
+                        with self.frozen_passes():
+                            maps = self.model.distance_maps(pair, teacher)
                     logits, score = self.model.msn(maps, pair.shape[-2:])
                     loss = self.segmentation_loss(logits, score, pair_masks)
                 self.optimize_outside_training_step(optimizer, loss)

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import copy
 import math
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
@@ -51,7 +52,13 @@ from anomalib.data import InferenceBatch
 from torch import nn
 
 from distillad.backbones import create_encoder
-from distillad.components import FrozenFeatureCache, cosine_distance_map, gaussian_smoothing, upsampled_sum
+from distillad.components import (
+    FrozenFeatureCache,
+    at_least_float32,
+    cosine_distance_map,
+    gaussian_smoothing,
+    upsampled_sum,
+)
 from distillad.models.base import channels_last, frozen, image_score, keep_frozen_in_eval
 
 BRANCHES = {"normality": ("normality",), "abnormality": ("abnormality",), "both": ("normality", "abnormality")}
@@ -306,11 +313,15 @@ class DMDDModel(nn.Module):
         with torch.no_grad():
             return self.teacher(images)
 
-    def pair_teacher_features(self, normal: torch.Tensor, anomalous: torch.Tensor) -> list[torch.Tensor]:
-        """Teacher features of ``cat([normal, anomalous])``; the normal training images repeat every epoch, so
-        theirs come from :attr:`teacher_cache`, while synthetic twins are never seen twice."""
+    def pair_teacher_features(self, normal: torch.Tensor, anomalous: torch.Tensor,
+                              twins_context: AbstractContextManager | None = None) -> list[torch.Tensor]:
+        """Teacher features (float32 or wider) of ``cat([normal, anomalous])``; the normal training images repeat every
+        epoch, so theirs come from :attr:`teacher_cache`, while synthetic twins are never seen twice and are
+        encoded in ``twins_context`` (training passes a bfloat16 autocast where the CPU has it)."""
         normal_features = self.teacher_cache(self.teacher_features, normal)
-        return [torch.cat(halves) for halves in zip(normal_features, self.teacher_features(anomalous))]
+        with twins_context or nullcontext():
+            twin_features = self.teacher_features(anomalous)
+        return [torch.cat([n, at_least_float32(t)]) for n, t in zip(normal_features, twin_features)]
 
     def student_features(self, images: torch.Tensor) -> dict[str, list[torch.Tensor]]:
         """Decoupled, PMN-refined student features per branch (F^SNGM_i and F^SAIM_i)."""
