@@ -4,7 +4,7 @@
     python benchmarks/train_speed.py --models dmdd --precisions 32 --threads 1 --label before --out /tmp/before
     python benchmarks/train_speed.py --quick --out /tmp/speed           # a check that it runs (64 px, 2 steps an epoch)
     python benchmarks/train_speed.py --models dmdd --threads 2 --num-workers 0,2   # synthesis in the step / in workers
-    python benchmarks/train_speed.py --models dmdd --precisions 32 --option bf16_frozen_passes=False
+    python benchmarks/train_speed.py --models dmdd --precisions 32 --option bf16_frozen_passes=True
 
 Each cell runs in its own process with ``torch.set_num_threads(threads)``: Lightning's ``Trainer`` trains the
 model for ``--epochs`` epochs on ``--images`` training images of ``--root/--category`` (batch ``--batch-size``,
@@ -200,7 +200,7 @@ def main() -> None:
     parser.add_argument("--num-workers", type=lambda text: [int(t) for t in _names(text)], default=[0],
                         help="DataLoader workers per cell (comma-separated: one cell each); they run the synthesis")
     parser.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
-                        help="model option for every cell, repeatable (e.g. bf16_frozen_passes=False)")
+                        help="model option for every cell, repeatable (e.g. bf16_frozen_passes=True)")
     parser.add_argument("--no-limits", action="store_true", help="skip timing the parts (for older versions)")
     parser.add_argument("--label", default="after")
     parser.add_argument("--quick", action="store_true", help="64 px, 10 images, batch 4: a check that it runs")

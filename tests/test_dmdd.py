@@ -64,14 +64,14 @@ def test_frozen_passes_use_bfloat16_only_in_float32_training_on_a_native_bf16_cp
         with module.frozen_passes():
             return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
-    module = make()
+    module = make(bf16_frozen_passes=True)
     assert not autocast_in(module)  # no trainer: no training run
     module.trainer = Trainer(precision="32", accelerator="cpu", logger=False)
     assert autocast_in(module)
-    switched_off = make(bf16_frozen_passes=False)
+    switched_off = make()  # the default (AUPRO fell with it: DMDD's "Frozen passes")
     switched_off.trainer = module.trainer
     assert not autocast_in(switched_off)
-    mixed = make()
+    mixed = make(bf16_frozen_passes=True)
     mixed.trainer = Trainer(precision="bf16-mixed", accelerator="cpu", logger=False)
     with torch.autocast("cpu", dtype=torch.float16), mixed.frozen_passes():  # the trainer's own is left as it is
         assert torch.get_autocast_dtype("cpu") == torch.float16
@@ -82,7 +82,7 @@ def test_frozen_passes_use_bfloat16_only_in_float32_training_on_a_native_bf16_cp
 def test_training_encodes_only_the_synthetic_twins_in_bfloat16(monkeypatch) -> None:
     """The cached normal features (the NGM targets) stay float32; the twins' pass is the one bfloat16 pays for."""
     monkeypatch.setattr("distillad.models.base.cpu_has_native_bf16", lambda unknown: True)
-    module = make()
+    module = make(bf16_frozen_passes=True)
     module.trainer = Trainer(precision="32", accelerator="cpu", logger=False)
     model = module.model.train()
     normal, anomalous, masks = module.synthesizer(real_images(4))
@@ -248,7 +248,7 @@ def test_training_decreases_both_losses_on_real_images() -> None:
 
 def test_msn_epoch_trains_only_the_segmentation_network(monkeypatch) -> None:
     monkeypatch.setattr("distillad.models.base.cpu_has_native_bf16", lambda unknown: True)
-    module = make()
+    module = make(bf16_frozen_passes=True)
     images = real_images(4)
 
     batch = SimpleNamespace(image=images, image_path=[f"image_{i}" for i in range(4)])
