@@ -83,7 +83,9 @@ def bars(cells: list[dict]) -> list[str]:
 def markdown(cells: list[dict]) -> str:
     lines = ["# Convergence: long runs beside anomalib's PatchCore and PaDiM", "",
              "Lite0, 256 px, batch 16, seed 0, 2 CPU threads; validation = held-out training normals + synthetic "
-             "anomalies on them (no test image), logged every epoch.", "",
+             "anomalies on them (no test image), logged every epoch. s/step is wall time over the whole run, "
+             "which shared the 2 cores with other work and was paused and resumed: not a speed measurement "
+             "(`train_speed.md` is).", "",
              "| category | model | steps | epochs | s/step | I-AUROC | P-AUROC | AUPRO | validation P-AUROC first -> best "
              "-> last |", "|---|---|---|---|---|---|---|---|---|"]
     for cell in cells:
