@@ -37,6 +37,8 @@ def epoch_log(cell: Path) -> list[dict]:
             for row in csv.DictReader(handle):
                 entry = rows.setdefault(int(row["epoch"]), {"epoch": int(row["epoch"])})
                 entry["step"] = int(row["step"])
+                if row.get("stage"):  # AAND: stage 1 (amplifier) and stage 2 (student) train different losses
+                    entry["stage"] = int(float(row["stage"]))
                 for source, target in (("train_loss_epoch", "train_loss"),
                                        ("val_synthetic_image_AUROC", "val_image_AUROC"),
                                        ("val_synthetic_pixel_AUROC", "val_pixel_AUROC")):
@@ -107,15 +109,21 @@ def markdown(cells: list[dict]) -> str:
 def plot(cells: list[dict], out: Path) -> None:
     for category in dict.fromkeys(cell["category"] for cell in cells):
         figure, (loss_axis, val_axis) = plt.subplots(1, 2, figsize=(11, 4))
+        colours = {name: f"C{index}" for index, name in enumerate(sorted({c["model"] for c in cells}))}
         for cell in (c for c in cells if c["category"] == category and c["curve"]):
-            losses = [(row["step"], row["train_loss"]) for row in cell["curve"] if "train_loss" in row]
-            if losses:
-                first = losses[0][1] or 1.0
-                loss_axis.plot([s for s, _ in losses], [v / first for _, v in losses], label=cell["model"])
+            colour = colours[cell["model"]]
+            stages = dict.fromkeys(row.get("stage") for row in cell["curve"] if "train_loss" in row)
+            for stage in stages:
+                losses = [(row["step"], row["train_loss"]) for row in cell["curve"]
+                          if "train_loss" in row and row.get("stage") == stage]
+                first = abs(losses[0][1]) or 1.0
+                label = cell["model"] if len(stages) == 1 else f"{cell['model']} stage {stage}"
+                loss_axis.plot([s for s, _ in losses], [v / first for _, v in losses], label=label, color=colour,
+                               linestyle=":" if stage == 1 and len(stages) > 1 else "-")
             scores = [(row["step"], row["val_pixel_AUROC"]) for row in cell["curve"] if "val_pixel_AUROC" in row]
             if scores:
-                val_axis.plot([s for s, _ in scores], [v for _, v in scores], label=cell["model"])
-        loss_axis.set(xlabel="optimiser step", ylabel="training loss / first epoch's", title=f"{category}: loss")
+                val_axis.plot([s for s, _ in scores], [v for _, v in scores], label=cell["model"], color=colour)
+        loss_axis.set(xlabel="optimiser step", ylabel="training loss / |first epoch's|", title=f"{category}: loss")
         val_axis.set(xlabel="optimiser step", ylabel="pixel AUROC", title=f"{category}: validation (synthetic)")
         for axis in (loss_axis, val_axis):
             axis.legend()
