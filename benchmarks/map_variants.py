@@ -1,0 +1,116 @@
+"""A trained run's anomaly map taken apart: its test split scored from one pass several ways.
+
+    python benchmarks/map_variants.py RUN_DIR [RUN_DIR ...] --out benchmarks/results/map_variants
+
+RUN_DIR is a finished DMDD, AAND or DSKD run (``distillad fit`` or a ``distillad benchmark`` cell). The ways,
+per model (:data:`VARIANTS`), image score = map maximum unless the model has its own:
+
+- DMDD: the MSN's map (the model's output) against Gaussian-smoothed sums of the cosine-distance maps it fuses
+  (all 8 = the ``msn=False`` scoring, the 4 NGM maps, the 4 AIM maps, NGM stages 1-3);
+- AAND: the model's map (Eq. 13-14, RAA-amplified teacher against the student), the vanilla teacher against the
+  same student output, each level alone, and the RAA gate maps (Table V (a), ``score="mrg"``);
+- DSKD: the fused map (Eq. 8) against each student's standardised map alone.
+
+It shows which part of a model finds real defects, after training on normal images and synthetic anomalies only.
+Writes ``OUT.json`` and ``OUT.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from anomalib.data import InferenceBatch
+from torchvision.transforms.v2.functional import resize
+
+from distillad.components import cosine_distance_map, upsampled_sum
+from distillad.data import one_pass
+from distillad.models.base import image_score
+from distillad.pipeline import Predictions, build_datamodule, evaluate, load_model
+
+METRICS = ("image_AUROC", "pixel_AUROC", "pixel_AUPRO")
+
+
+def dmdd_variants(model, images: torch.Tensor) -> dict[str, InferenceBatch | torch.Tensor]:
+    output, components = model.forward_with_components(images)
+    sums = {"sum of 8 maps (msn=False scoring)": [f"{b}_{s}" for b in ("ngm", "aim") for s in range(1, 5)],
+            "sum of NGM maps": [f"ngm_{s}" for s in range(1, 5)], "sum of AIM maps": [f"aim_{s}" for s in range(1, 5)],
+            "sum of NGM maps 1-3": [f"ngm_{s}" for s in range(1, 4)]}
+    return {"MSN (model output)": output,
+            **{name: model.blur(sum(components[key] for key in keys)) for name, keys in sums.items()}}
+
+
+def aand_variants(model, images: torch.Tensor) -> dict[str, InferenceBatch | torch.Tensor]:
+    size = images.shape[-2:]
+    vanilla = model.encode(images)
+    outputs = model.amplify(vanilla)
+    amplified = [output.amplified for output in outputs]
+    student = model.decoder(model.bottleneck(amplified))
+    return {"amplified vs student (model output)": model.anomaly_map(amplified, student, size),
+            "vanilla vs student": model.anomaly_map(vanilla, student, size),
+            **{f"amplified vs student, level {level + 1} only": model.anomaly_map.blur(
+                upsampled_sum([cosine_distance_map(amplified[level], student[level])], size)) for level in range(3)},
+            "RAA gates (score=mrg)": model._gate_map([output.gate for output in outputs], size)}
+
+
+def dskd_variants(model, images: torch.Tensor) -> dict[str, InferenceBatch | torch.Tensor]:
+    teacher, students = model._features(images)
+    summed = model.summed_maps(teacher, students, images.shape[-2:])
+    standardized = {name: (summed[name] - model.students[name].map_mean) / model.students[name].map_std
+                    for name in summed}
+    return {"fused (model output, Eq. 8)": model.blur(sum(standardized.values())),
+            **{f"{name} student only": model.blur(value) for name, value in standardized.items()}}
+
+
+VARIANTS: dict[str, Callable[..., dict[str, InferenceBatch | torch.Tensor]]] = {
+    "dmdd": dmdd_variants, "aand": aand_variants, "dskd": dskd_variants}
+
+
+@torch.no_grad()
+def variant_metrics(run_dir: Path) -> dict[str, dict]:
+    lightning_module, config = load_model(run_dir)
+    datamodule = build_datamodule(config, test_limit=config.test_limit)
+    datamodule.setup()
+    scored: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    paths, labels, masks = [], [], []
+    for batch in one_pass(datamodule.test_dataloader(), "scoring"):
+        images = lightning_module.model_inputs(batch.image)
+        for name, output in VARIANTS[config.model](lightning_module.model, images).items():
+            pair = ((output.pred_score, output.anomaly_map) if isinstance(output, InferenceBatch)
+                    else (image_score(output), output))
+            scored.setdefault(name, []).append(pair)
+        paths.extend(str(p) for p in batch.image_path)
+        labels.append(batch.gt_label)
+        masks.append(resize(batch.gt_mask.unsqueeze(1), list(images.shape[-2:]), antialias=False).squeeze(1))
+    results = {}
+    for name, parts in scored.items():
+        predictions = Predictions(paths, torch.cat([s for s, _ in parts]), torch.cat([m for _, m in parts]),
+                                  torch.cat(labels), torch.cat(masks))
+        metrics = evaluate(predictions, threshold=float("inf"))
+        results[name] = {key: metrics[key] for key in METRICS}
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", type=Path, nargs="+")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "map_variants")
+    args = parser.parse_args()
+    rows = {str(run): variant_metrics(run) for run in args.runs}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2))
+    lines = ["# Trained maps taken apart", "", "Test split of each run; I-AUROC / P-AUROC / AUPRO in %.", "",
+             "| run | map | I-AUROC | P-AUROC | AUPRO |", "|---|---|---|---|---|"]
+    for run, results in rows.items():
+        for name, metrics in results.items():
+            values = " | ".join(f"{100 * metrics[key]:.1f}" for key in METRICS)
+            lines.append(f"| {Path(run).parent.name}/{Path(run).name} | {name} | {values} |")
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
