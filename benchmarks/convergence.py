@@ -53,12 +53,20 @@ def cell_summary(cell: Path) -> dict:
     result = cell / "result.json"
     if result.is_file():
         metrics = json.loads(result.read_text())
-        summary.update({key: metrics.get(key) for key in (*METRICS, "train_steps", "epochs", "seconds_per_step",
+        summary.update({key: metrics.get(key) for key in (*METRICS, "train_steps", "train_epochs", "seconds_per_step",
                                                           "train_seconds", "max_steps", "error")})
         summary["finished"] = "error" not in metrics
     else:
         summary["finished"] = False
     return summary
+
+
+def epochs_trained(cell: dict) -> int | str:
+    """Epochs the run trained: ``metrics.json``'s count, else the epochs its log reached (runs from before the count;
+    the config's ``epochs`` is not it when ``--max-steps`` bounds the run)."""
+    if cell.get("train_epochs"):
+        return cell["train_epochs"]
+    return cell["curve"][-1]["epoch"] + 1 if cell["curve"] else ""
 
 
 def bars(cells: list[dict]) -> list[str]:
@@ -97,7 +105,7 @@ def markdown(cells: list[dict]) -> str:
             values = " | ".join(f"{100 * cell[key]:.1f}" for key in METRICS)
             seconds = f"{cell['seconds_per_step']:.2f}" if cell.get("seconds_per_step") else ""
             lines.append(f"| {cell['category']} | {cell['model']} | {cell.get('train_steps') or ''} | "
-                         f"{cell.get('epochs') or ''} | {seconds} | {values} | {trend} |")
+                         f"{epochs_trained(cell)} | {seconds} | {values} | {trend} |")
         else:
             last = cell["curve"][-1] if cell["curve"] else {"epoch": -1, "step": 0}
             lines.append(f"| {cell['category']} | {cell['model']} | {last.get('step', 0)} so far | "

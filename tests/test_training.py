@@ -70,6 +70,7 @@ def test_max_steps_trains_that_many_steps_on_a_small_dataset(shared_data: Path, 
     metrics = fit(weld_config(shared_data, "rd", epochs=1, max_steps=5), tmp_path / "run", train_limit=8, test_limit=8,
                   heatmaps=False)
     assert metrics["train_steps"] == 5
+    assert metrics["train_epochs"] == 3
     assert metrics["max_steps"] == 5
 
 

@@ -388,7 +388,8 @@ class TrainingClock(Callback):
         if trainer.is_global_zero and trainer.global_step > self.first_step:
             write_json(self.path, {
                 "seconds": time.perf_counter() - self.started, "epochs": trainer.current_epoch - self.first_epoch,
-                "steps": trainer.global_step - self.first_step, "total_steps": trainer.global_step}, indent=None)
+                "steps": trainer.global_step - self.first_step, "total_steps": trainer.global_step,
+                "total_epochs": trainer.current_epoch}, indent=None)
 
     def measured(self) -> dict:
         """What the last process that trained this run measured (this one, unless its checkpoint was complete)."""
@@ -534,6 +535,7 @@ def fit(config: RunConfig, run_dir: Path, resume: bool = False, train_limit: int
     if trained.get("steps"):
         metrics["train_seconds"] = trained["seconds"]
         metrics["train_steps"] = trained["total_steps"]
+        metrics["train_epochs"] = trained["total_epochs"]
         metrics["seconds_per_step"] = trained["seconds"] / trained["steps"]
         if trained["epochs"]:
             metrics["seconds_per_epoch"] = trained["seconds"] / trained["epochs"]
