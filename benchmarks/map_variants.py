@@ -2,9 +2,10 @@
 
     python benchmarks/map_variants.py RUN_DIR [RUN_DIR ...] --out benchmarks/results/map_variants
 
-RUN_DIR is a finished DMDD, AAND or DSKD run (``distillad fit`` or a ``distillad benchmark`` cell). The ways,
+RUN_DIR is a finished RD, DMDD, AAND or DSKD run (``distillad fit`` or a ``distillad benchmark`` cell). The ways,
 per model (:data:`VARIANTS`), image score = map maximum unless the model has its own:
 
+- RD: the model's map against each level alone;
 - DMDD: the MSN's map (the model's output) against Gaussian-smoothed sums of the cosine-distance maps it fuses
   (all 8 = the ``msn=False`` scoring, the 4 NGM maps, the 4 AIM maps, NGM stages 1-3);
 - AAND: the model's map (Eq. 13-14, RAA-amplified teacher against the student), the vanilla teacher against the
@@ -34,6 +35,19 @@ from distillad.pipeline import Predictions, build_datamodule, evaluate, load_mod
 METRICS = ("image_AUROC", "pixel_AUROC", "pixel_AUPRO")
 
 
+def single_levels(model, teacher: list[torch.Tensor], student: list[torch.Tensor], size: torch.Size,
+                  label: str) -> dict[str, torch.Tensor]:
+    """Each level's smoothed cosine-distance map alone (``model.anomaly_map`` sums them)."""
+    return {f"{label}, level {level + 1} only": model.anomaly_map.blur(
+        upsampled_sum([cosine_distance_map(teacher[level], student[level])], size)) for level in range(len(teacher))}
+
+
+def rd_variants(model, images: torch.Tensor) -> dict[str, InferenceBatch | torch.Tensor]:
+    teacher = model.encode(images)
+    student = model.decoder(model.bottleneck(teacher))
+    return {"model output": model(images), **single_levels(model, teacher, student, images.shape[-2:], "teacher vs student")}
+
+
 def dmdd_variants(model, images: torch.Tensor) -> dict[str, InferenceBatch | torch.Tensor]:
     output, components = model.forward_with_components(images)
     sums = {"sum of 8 maps (msn=False scoring)": [f"{b}_{s}" for b in ("ngm", "aim") for s in range(1, 5)],
@@ -51,8 +65,7 @@ def aand_variants(model, images: torch.Tensor) -> dict[str, InferenceBatch | tor
     student = model.decoder(model.bottleneck(amplified))
     return {"amplified vs student (model output)": model.anomaly_map(amplified, student, size),
             "vanilla vs student": model.anomaly_map(vanilla, student, size),
-            **{f"amplified vs student, level {level + 1} only": model.anomaly_map.blur(
-                upsampled_sum([cosine_distance_map(amplified[level], student[level])], size)) for level in range(3)},
+            **single_levels(model, amplified, student, size, "amplified vs student"),
             "RAA gates (score=mrg)": model._gate_map([output.gate for output in outputs], size)}
 
 
@@ -66,7 +79,7 @@ def dskd_variants(model, images: torch.Tensor) -> dict[str, InferenceBatch | tor
 
 
 VARIANTS: dict[str, Callable[..., dict[str, InferenceBatch | torch.Tensor]]] = {
-    "dmdd": dmdd_variants, "aand": aand_variants, "dskd": dskd_variants}
+    "rd": rd_variants, "dmdd": dmdd_variants, "aand": aand_variants, "dskd": dskd_variants}
 
 
 @torch.no_grad()
