@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch import seed_everything
 
 from distillad.benchmark import BenchmarkSettings, _example_images, markdown, run_benchmark
 from distillad.cli import main
@@ -206,3 +207,20 @@ def test_benchmark_cli_rejects_an_unknown_peer(tmp_path: Path, monkeypatch, caps
         main()
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "fastflow" in lines[0]
+
+
+def test_patchcore_peer_selects_anomalibs_coreset_from_its_matrix_vector_distances() -> None:
+    from anomalib.models.components import KCenterGreedy
+
+    from distillad.peers import _patchcore
+
+    embedding = torch.randn(3000, 24, generator=torch.Generator().manual_seed(0))
+    seed_everything(1, verbose=False)
+    expected = KCenterGreedy(embedding, sampling_ratio=0.05).sample_coreset()
+    peer = _patchcore("tf_efficientnet_lite0", training_patches=30)  # 30 patches: anomalib's ratio 0.1
+    peer.model.embedding_store.extend(embedding.split(1000))
+    seed_everything(1, verbose=False)  # the same projection and random first centre
+    peer.model.subsample_embedding(0.05)
+    assert peer.model.memory_bank.shape == (150, 24)
+    assert torch.equal(peer.model.memory_bank, expected)
+    assert not peer.model.embedding_store

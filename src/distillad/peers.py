@@ -15,7 +15,8 @@ shows what a user would otherwise pick. Each peer cell:
 
 PatchCore's coreset holds at most :data:`PATCHCORE_MAX_MEMORY` patches (ratio ``min(0.1, limit / patches)``; 0.1
 is anomalib's default): greedy coreset selection costs memory x patches distance computations, which for a
-761-image category at 256 px (780k patches) and ratio 0.1 would take hours on a CPU. PaDiM keeps
+761-image category at 256 px (780k patches) and ratio 0.1 would take hours on a CPU; and each step's distances come
+from one matrix-vector product (:class:`GreedyCoreset`, the same selection as anomalib's sampler). PaDiM keeps
 :data:`PADIM_FEATURES` random channels (anomalib's choice for ResNet-18, 100 of 448) or all when there are fewer.
 """
 
@@ -25,10 +26,12 @@ import ctypes
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import MethodType
 
 import timm
 import torch
 from anomalib.data import InferenceBatch
+from anomalib.models.components import KCenterGreedy
 from lightning.pytorch import seed_everything
 from torch import nn
 from torchvision.transforms.v2 import Compose, Normalize, Resize
@@ -78,6 +81,33 @@ def _return_large_blocks_to_the_system() -> None:
     libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
 
 
+class GreedyCoreset(KCenterGreedy):
+    """anomalib's greedy k-center coreset, each step's distances from one matrix-vector product.
+
+    anomalib subtracts the new centre from every projected patch, an (N, d) temporary a step. The squared distance
+    ``|x|^2 - 2 x.c + |c|^2`` needs only ``x @ c`` and row norms computed once, and the square root is monotone, so
+    the running minimum picks the same patches (up to float rounding). PatchCore on 761 mtd images at 256 px (780k
+    patches, 335 projected dimensions): 1.26 -> 0.17 s a step, 16k steps.
+    """
+
+    def update_distances(self, cluster_center: int | torch.Tensor | None) -> None:
+        if cluster_center is None:
+            return
+        if self.min_distances is None:  # first centre of a selection: the features were just projected
+            self.squared_norms = self.features.square().sum(1)
+        center = self.features[cluster_center].reshape(-1)
+        squared = torch.addmv(self.squared_norms + center.square().sum(), self.features, center, alpha=-2)
+        distances = squared.clamp_min_(0).unsqueeze(1)
+        self.min_distances = distances if self.min_distances is None else torch.minimum(self.min_distances, distances)
+
+
+def _subsample_with_greedy_coreset(patchcore_model: nn.Module, sampling_ratio: float) -> None:
+    """anomalib's ``PatchcoreModel.subsample_embedding`` with :class:`GreedyCoreset` as its sampler."""
+    memory_bank = torch.vstack(patchcore_model.embedding_store)
+    patchcore_model.embedding_store.clear()
+    patchcore_model.memory_bank = GreedyCoreset(memory_bank, sampling_ratio).sample_coreset()
+
+
 class PeerModel(nn.Module):
     """An anomalib model seen as distillad sees its own: ``model(images in [0, 1])`` -> raw ``InferenceBatch``."""
 
@@ -96,9 +126,11 @@ def _patchcore(backbone: str, training_patches: int) -> nn.Module:
     from anomalib.models import Patchcore
 
     ratio = min(0.1, PATCHCORE_MAX_MEMORY / max(training_patches, 1))
-    return Patchcore(backbone=backbone, layers=list(feature_levels(backbone, (8, 16))), pre_trained=False,
-                     coreset_sampling_ratio=ratio, pre_processor=False, post_processor=False, evaluator=False,
-                     visualizer=False)
+    patchcore = Patchcore(backbone=backbone, layers=list(feature_levels(backbone, (8, 16))), pre_trained=False,
+                          coreset_sampling_ratio=ratio, pre_processor=False, post_processor=False, evaluator=False,
+                          visualizer=False)
+    patchcore.model.subsample_embedding = MethodType(_subsample_with_greedy_coreset, patchcore.model)
+    return patchcore
 
 
 def _padim(backbone: str, training_patches: int) -> nn.Module:
