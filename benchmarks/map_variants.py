@@ -5,15 +5,16 @@
 RUN_DIR is a finished RD, DMDD, AAND or DSKD run (``distillad fit`` or a ``distillad benchmark`` cell). The ways,
 per model (:data:`VARIANTS`), image score = map maximum unless the model has its own:
 
-- RD: the model's map against each level alone;
+- RD: the model's map against each level alone and against a Euclidean distance (each level's ``|F_T - F_S|`` over
+  its mean ``|F_T|``, summed): cosine distance ignores a change of feature magnitude, Euclidean (PatchCore's) does;
 - DMDD: the MSN's map (the model's output) against Gaussian-smoothed sums of the cosine-distance maps it fuses
   (all 8 = the ``msn=False`` scoring, the 4 NGM maps, the 4 AIM maps, NGM stages 1-3);
 - AAND: the model's map (Eq. 13-14, RAA-amplified teacher against the student), the vanilla teacher against the
   same student output, each level alone, and the RAA gate maps (Table V (a), ``score="mrg"``);
 - DSKD: the fused map (Eq. 8) against each student's standardised map alone.
 
-It shows which part of a model finds real defects, after training on normal images and synthetic anomalies only.
-Writes ``OUT.json`` and ``OUT.md``.
+It shows which part of a model finds real defects, after training on normal images and synthetic anomalies only,
+and (second table) on which defect type (test folder) each map gains or loses. Writes ``OUT.json`` and ``OUT.md``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from torchvision.transforms.v2.functional import resize
 
 from distillad.components import cosine_distance_map, upsampled_sum
 from distillad.data import one_pass
+from distillad.metrics import auroc
 from distillad.models.base import image_score
 from distillad.pipeline import Predictions, build_datamodule, evaluate, load_model
 
@@ -42,10 +44,17 @@ def single_levels(model, teacher: list[torch.Tensor], student: list[torch.Tensor
         upsampled_sum([cosine_distance_map(teacher[level], student[level])], size)) for level in range(len(teacher))}
 
 
+def relative_euclidean_map(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    """``|F_T - F_S|`` per pixel over the level's mean ``|F_T|`` (levels of different widths weigh alike)."""
+    return (teacher - student).norm(dim=1, keepdim=True) / teacher.norm(dim=1).mean()
+
+
 def rd_variants(model, images: torch.Tensor) -> dict[str, InferenceBatch | torch.Tensor]:
     teacher = model.encode(images)
     student = model.decoder(model.bottleneck(teacher))
-    return {"model output": model(images), **single_levels(model, teacher, student, images.shape[-2:], "teacher vs student")}
+    euclidean = upsampled_sum([relative_euclidean_map(t, s) for t, s in zip(teacher, student)], images.shape[-2:])
+    return {"model output": model(images), **single_levels(model, teacher, student, images.shape[-2:], "teacher vs student"),
+            "Euclidean instead of cosine distance": model.anomaly_map.blur(euclidean)}
 
 
 def dmdd_variants(model, images: torch.Tensor) -> dict[str, InferenceBatch | torch.Tensor]:
@@ -103,7 +112,19 @@ def variant_metrics(run_dir: Path) -> dict[str, dict]:
         predictions = Predictions(paths, torch.cat([s for s, _ in parts]), torch.cat([m for _, m in parts]),
                                   torch.cat(labels), torch.cat(masks))
         metrics = evaluate(predictions, threshold=float("inf"))
-        results[name] = {key: metrics[key] for key in METRICS}
+        results[name] = {key: metrics[key] for key in METRICS} | {"by_type": by_defect_type(predictions)}
+    return results
+
+
+def by_defect_type(predictions: Predictions) -> dict[str, dict[str, float]]:
+    """Image and pixel AUROC of each defect type (test folder) against the good test images."""
+    types = [Path(path).parent.name for path in predictions.paths]
+    good = predictions.labels == 0
+    results = {}
+    for defect in sorted(set(types) - {"good"}):
+        keep = good | torch.tensor([kind == defect for kind in types])
+        results[defect] = {"image_AUROC": auroc(predictions.scores[keep], predictions.labels[keep].long()),
+                           "pixel_AUROC": auroc(predictions.maps[keep], predictions.masks[keep])}
     return results
 
 
@@ -121,6 +142,13 @@ def main() -> None:
         for name, metrics in results.items():
             values = " | ".join(f"{100 * metrics[key]:.1f}" for key in METRICS)
             lines.append(f"| {Path(run).parent.name}/{Path(run).name} | {name} | {values} |")
+    lines += ["", "Pixel AUROC (%) by defect type, against the good test images:", ""]
+    for run, results in rows.items():
+        types = list(next(iter(results.values()))["by_type"])
+        lines += ["", f"| {Path(run).parent.name}/{Path(run).name} | {' | '.join(types)} |",
+                  "|---" * (len(types) + 1) + "|"]
+        lines += [f"| {name} | " + " | ".join(f"{100 * metrics['by_type'][t]['pixel_AUROC']:.1f}" for t in types) + " |"
+                  for name, metrics in results.items()]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
