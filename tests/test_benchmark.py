@@ -224,3 +224,14 @@ def test_patchcore_peer_selects_anomalibs_coreset_from_its_matrix_vector_distanc
     assert peer.model.memory_bank.shape == (150, 24)
     assert torch.equal(peer.model.memory_bank, expected)
     assert not peer.model.embedding_store
+
+
+def test_curves_thin_a_pixel_roc_with_more_points_than_float32_counts_exactly() -> None:
+    from distillad.pipeline import _thinned
+
+    points = 30_038_832  # DSKD's pixel ROC on mtd: in float32 its last index 30,038,831 rounded past the end
+    x = torch.zeros(points)
+    x[-1] = 1.0
+    thinned = _thinned(x, x, 300)
+    assert len(thinned["x"]) == 300
+    assert thinned["x"][-1] == 1.0 and thinned["y"][0] == 0.0

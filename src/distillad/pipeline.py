@@ -342,7 +342,9 @@ def evaluate(predictions: Predictions, threshold: float) -> dict:
 
 
 def _thinned(x: torch.Tensor, y: torch.Tensor, points: int) -> dict[str, list[float]]:
-    keep = torch.linspace(0, len(x) - 1, min(points, len(x))).round().long()
+    # float64: float32 holds integers exactly only up to 2^24, and a pixel ROC curve can have more points (30M for
+    # DSKD on mtd), where the last index rounded past the end
+    keep = torch.linspace(0, len(x) - 1, min(points, len(x)), dtype=torch.float64).round().long()
     return {"x": [round(float(v), 6) for v in x[keep]], "y": [round(float(v), 6) for v in y[keep]]}
 
 
