@@ -28,7 +28,7 @@ import torch
 from anomalib.data import InferenceBatch
 from torchvision.transforms.v2.functional import resize
 
-from distillad.components import cosine_distance_map, upsampled_sum
+from distillad.components import upsampled_sum
 from distillad.data import one_pass
 from distillad.metrics import auroc
 from distillad.models.base import image_score
@@ -39,9 +39,9 @@ METRICS = ("image_AUROC", "pixel_AUROC", "pixel_AUPRO")
 
 def single_levels(model, teacher: list[torch.Tensor], student: list[torch.Tensor], size: torch.Size,
                   label: str) -> dict[str, torch.Tensor]:
-    """Each level's smoothed cosine-distance map alone (``model.anomaly_map`` sums them)."""
-    return {f"{label}, level {level + 1} only": model.anomaly_map.blur(
-        upsampled_sum([cosine_distance_map(teacher[level], student[level])], size)) for level in range(len(teacher))}
+    """Each level's smoothed cosine-distance map alone: ``model.anomaly_map`` of that level's pair."""
+    return {f"{label}, level {level + 1} only": model.anomaly_map([teacher[level]], [student[level]], size)
+            for level in range(len(teacher))}
 
 
 def relative_euclidean_map(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
@@ -52,8 +52,10 @@ def relative_euclidean_map(teacher: torch.Tensor, student: torch.Tensor) -> torc
 def rd_variants(model, images: torch.Tensor) -> dict[str, InferenceBatch | torch.Tensor]:
     teacher = model.encode(images)
     student = model.decoder(model.bottleneck(teacher))
-    euclidean = upsampled_sum([relative_euclidean_map(t, s) for t, s in zip(teacher, student)], images.shape[-2:])
-    return {"model output": model(images), **single_levels(model, teacher, student, images.shape[-2:], "teacher vs student"),
+    size = images.shape[-2:]
+    euclidean = upsampled_sum([relative_euclidean_map(t, s) for t, s in zip(teacher, student)], size)
+    return {"model output": model.anomaly_map(teacher, student, size),  # RD's eval forward, without a second pass
+            **single_levels(model, teacher, student, size, "teacher vs student"),
             "Euclidean instead of cosine distance": model.anomaly_map.blur(euclidean)}
 
 
