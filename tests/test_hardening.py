@@ -267,6 +267,34 @@ def test_every_unreadable_file_is_reported_before_training(shared_data: Path, tm
     assert not out.exists()
 
 
+def _deliverable_sigint() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def test_a_ctrl_c_that_other_code_swallowed_still_stops_training_at_the_next_batch() -> None:
+    import signal
+
+    from distillad.pipeline import CtrlC
+
+    callback, outside = CtrlC(), signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        callback.on_train_start(None, None)
+        callback.on_train_batch_end()  # nothing pressed yet
+        with contextlib.suppress(KeyboardInterrupt):  # as C code that clears every error does
+            signal.raise_signal(signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):
+            callback.on_train_batch_end()
+        with pytest.raises(KeyboardInterrupt):
+            callback.on_validation_batch_end()
+        callback.teardown(None, None, "fit")
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, outside)
+
+
 def test_ctrl_c_during_training_says_how_to_resume(shared_data: Path, tmp_path: Path) -> None:
     import signal
     import time
@@ -277,12 +305,13 @@ def test_ctrl_c_during_training_says_how_to_resume(shared_data: Path, tmp_path: 
                                 "--test-limit", "8", "--no-heatmaps", "--out", str(out)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "OMP_NUM_THREADS": "1"},
-                               # A child inherits an ignored SIGINT (Lightning ignores it after a Ctrl-C in this
-                               # process), and Python then installs no KeyboardInterrupt handler: start it clean.
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                               # A child inherits an ignored or blocked SIGINT (Lightning ignores it after a Ctrl-C
+                               # in this process), and Python then installs no KeyboardInterrupt handler: start clean.
+                               preexec_fn=_deliverable_sigint)
     deadline = time.monotonic() + 300
     while not (out / "checkpoints" / "last.ckpt").exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
+    assert process.poll() is None, "the run ended before its first checkpoint: nothing left to interrupt"
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr[-2000:]

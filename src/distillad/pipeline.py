@@ -34,6 +34,7 @@ import logging
 import platform
 import shutil
 import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version as package_version
@@ -398,6 +399,52 @@ class TrainingClock(Callback):
         return json.loads(self.path.read_text()) if self.path.is_file() else {}
 
 
+class CtrlC(Callback):
+    """Makes a Ctrl-C during training end it at the next batch at the latest.
+
+    Python turns SIGINT into a KeyboardInterrupt raised wherever the main thread happens to be, and C code that
+    suppresses errors (an attribute lookup through a Python ``__getattr__``, a dictionary key's ``__eq__``) can
+    swallow it: then training went on to its last epoch. The handler installed here raises as Python's own does
+    and also records the press, which nothing can swallow; every batch end checks the record. Installed only over
+    Python's default handler (never over one a caller set) and only in the main thread.
+    """
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self.previous_handler = None
+
+    def interrupt(self, signum: int, frame: object) -> None:
+        del signum, frame
+        self.pressed = True
+        raise KeyboardInterrupt
+
+    def on_train_start(self, trainer: Trainer, pl_module: torch.nn.Module) -> None:
+        del trainer, pl_module
+        self.pressed = False
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self.previous_handler = signal.signal(signal.SIGINT, self.interrupt)
+
+    def _raise_if_pressed(self) -> None:
+        if self.pressed:
+            raise KeyboardInterrupt
+
+    def on_train_batch_end(self, *args: object) -> None:
+        del args
+        self._raise_if_pressed()
+
+    def on_validation_batch_end(self, *args: object) -> None:
+        del args
+        self._raise_if_pressed()
+
+    def teardown(self, trainer: Trainer, pl_module: torch.nn.Module, stage: str) -> None:
+        del trainer, pl_module, stage
+        # After a Ctrl-C Lightning ignores SIGINT until it has shut down; that choice is left alone.
+        if self.previous_handler is not None and signal.getsignal(signal.SIGINT) == self.interrupt:
+            signal.signal(signal.SIGINT, self.previous_handler)
+        self.previous_handler = None
+
+
 def validation_curve(run_dir: Path) -> list[dict]:
     """The per-epoch synthetic validation scores (:mod:`distillad.models.validation`) that every ``fit`` of the
     run logged to ``RUN/logs/*/metrics.csv``, by epoch (a resumed run's later logs win)."""
@@ -430,7 +477,7 @@ def _trainer(config: RunConfig, run_dir: Path, model: torch.nn.Module, clock: Tr
     schedule = ({"max_steps": config.max_steps, "max_epochs": -1} if config.max_steps
                 else {"max_epochs": config.epochs})
     arguments = {**model.trainer_arguments, **schedule, "default_root_dir": run_dir,
-                 "callbacks": [checkpoint, clock], "logger": CSVLogger(run_dir, name="logs"), "limit_val_batches": 0,
+                 "callbacks": [checkpoint, clock, CtrlC()], "logger": CSVLogger(run_dir, name="logs"), "limit_val_batches": 0,
                  "deterministic": "warn", "enable_model_summary": False, "precision": config.precision,
                  "accelerator": config.accelerator, "devices": config.devices, "strategy": _strategy(config)}
     return Trainer(**arguments)
