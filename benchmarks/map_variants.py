@@ -14,7 +14,8 @@ per model (:data:`VARIANTS`), image score = map maximum unless the model has its
 - DSKD: the fused map (Eq. 8) against each student's standardised map alone.
 
 It shows which part of a model finds real defects, after training on normal images and synthetic anomalies only,
-and (second table) on which defect type (test folder) each map gains or loses. Writes ``OUT.json`` and ``OUT.md``.
+and (second table) on which defect type (test folder) each map gains or loses. Writes ``OUT.json`` and ``OUT.md``;
+runs already in ``OUT.json`` are kept.
 """
 
 from __future__ import annotations
@@ -135,7 +136,10 @@ def main() -> None:
     parser.add_argument("runs", type=Path, nargs="+")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "map_variants")
     args = parser.parse_args()
-    rows = {str(run): variant_metrics(run) for run in args.runs}
+    # Runs already in OUT.json stay (a run given again is rescored), so one run can be added to a table at a time.
+    previous = args.out.with_suffix(".json")
+    rows = json.loads(previous.read_text()) if previous.is_file() else {}
+    rows.update({str(run): variant_metrics(run) for run in args.runs})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2))
     lines = ["# Trained maps taken apart", "", "Test split of each run; I-AUROC / P-AUROC / AUPRO in %.", "",
