@@ -137,11 +137,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "map_variants")
     args = parser.parse_args()
     # Runs already in OUT.json stay (a run given again is rescored), so one run can be added to a table at a time.
-    previous = args.out.with_suffix(".json")
-    rows = json.loads(previous.read_text()) if previous.is_file() else {}
+    rows_file = args.out.with_suffix(".json")
+    rows = json.loads(rows_file.read_text()) if rows_file.is_file() else {}
     rows.update({str(run): variant_metrics(run) for run in args.runs})
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2))
+    rows_file.write_text(json.dumps(rows, indent=2))
     lines = ["# Trained maps taken apart", "", "Test split of each run; I-AUROC / P-AUROC / AUPRO in %.", "",
              "| run | map | I-AUROC | P-AUROC | AUPRO |", "|---|---|---|---|---|"]
     for run, results in rows.items():

@@ -425,17 +425,12 @@ class CtrlC(Callback):
                 and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
             self.previous_handler = signal.signal(signal.SIGINT, self.interrupt)
 
-    def _raise_if_pressed(self) -> None:
+    def on_train_batch_end(self, *args: object) -> None:
+        del args
         if self.pressed:
             raise KeyboardInterrupt
 
-    def on_train_batch_end(self, *args: object) -> None:
-        del args
-        self._raise_if_pressed()
-
-    def on_validation_batch_end(self, *args: object) -> None:
-        del args
-        self._raise_if_pressed()
+    on_validation_batch_end = on_train_batch_end
 
     def teardown(self, trainer: Trainer, pl_module: torch.nn.Module, stage: str) -> None:
         del trainer, pl_module, stage
