@@ -27,6 +27,7 @@ Writes ``OUT.json`` and ``OUT.md`` (default ``benchmarks/results/train_speed``).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -97,6 +98,12 @@ def step_parts(module, images: torch.Tensor, paths: list[str]) -> dict[str, floa
     return {"frozen_s": frozen, "trainable_s": trainable}
 
 
+def _mvtec_kind() -> str:
+    """The run config's ``kind`` of an MVTec AD folder in the version measured (``mvtec`` before the registry of
+    dataset layouts)."""
+    return "mvtec_ad" if importlib.util.find_spec("distillad.data.layouts") else "mvtec"
+
+
 def _time_synthetic_validation() -> list[float]:
     """Seconds of each epoch's synthetic validation (:mod:`distillad.models.validation`), appended to the list
     returned; it stays empty for versions without it."""
@@ -139,7 +146,7 @@ def run_cell(args: argparse.Namespace, model_name: str, precision: str, threads:
 
     validation = _time_synthetic_validation()
     seed_everything(0, verbose=False)
-    config = RunConfig(model=model_name, model_options=dict(args.option), data={"kind": "mvtec_ad", "root": args.root,
+    config = RunConfig(model=model_name, model_options=dict(args.option), data={"kind": _mvtec_kind(), "root": args.root,
                                                                  "category": args.category},
                        image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size,
                        num_workers=workers)
