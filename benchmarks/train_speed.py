@@ -124,6 +124,20 @@ def _time_synthetic_validation() -> list[float]:
     return seconds
 
 
+def _epochs_to_train(module, timed_epochs: int) -> int:
+    """Epochs to train so that the last ``timed_epochs`` follow a warm-up: one epoch, and for AAND its whole
+    stage 1 and stage 2's first epoch, which fills the stage-2 teacher cache (split by ``stage1_epoch_count``)."""
+    epochs = timed_epochs + 1
+    if type(module).__name__ != "AAND" or module.hparams.stage2_epochs == 0:
+        return epochs
+    from distillad.models.aand.lightning_model import stage1_epoch_count
+
+    shares = (module.hparams.stage1_epochs, module.hparams.stage2_epochs)
+    while epochs - stage1_epoch_count(epochs, *shares) - 1 < timed_epochs:
+        epochs += 1
+    return epochs
+
+
 def run_cell(args: argparse.Namespace, model_name: str, precision: str, threads: int, workers: int = 0) -> dict:
     """Train one model in this process and time its epochs (and its parts, unless ``--no-limits``)."""
     import warnings
@@ -147,19 +161,16 @@ def run_cell(args: argparse.Namespace, model_name: str, precision: str, threads:
 
     validation = _time_synthetic_validation()
     timed_epochs = args.epochs - 1
-    epochs = args.epochs
-    # AAND (default 100:120 split) fills its stage-2 teacher cache in stage 2's first epoch: time only later ones
-    while model_name == "aand" and epochs - round(epochs * 100 / 220) - 1 < timed_epochs:
-        epochs += 1
     seed_everything(0, verbose=False)
     config = RunConfig(model=model_name, model_options=dict(args.option), data={"kind": _mvtec_kind(), "root": args.root,
                                                                  "category": args.category},
-                       image_size=args.image_size, epochs=epochs, batch_size=args.batch_size,
+                       image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size,
                        num_workers=workers)
     datamodule = build_datamodule(config, train_limit=args.images, test_limit=1)
     datamodule.setup()
     module = build_model(config)
     timer = EpochTimes()
+    epochs = _epochs_to_train(module, timed_epochs)
     trainer = Trainer(max_epochs=epochs, precision=precision, accelerator="cpu", devices=1, callbacks=[timer],
                       logger=False, enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0,
                       deterministic="warn", enable_model_summary=False, **module.trainer_arguments)
