@@ -209,7 +209,8 @@ def _cell_process(args: argparse.Namespace, model: str, precision: str, threads:
 def markdown(rows: list[dict], args: argparse.Namespace) -> str:
     lines = [f"# Training speed ({args.label})", "",
              f"{args.category} from {args.root}, tf_efficientnet_lite0, {args.image_size} px, batch {args.batch_size}, "
-             f"{rows[0].get('train_images', '?')} training images, {args.epochs} epochs (the first one untimed); "
+             f"{rows[0].get('train_images', '?')} training images, the last {args.epochs - 1} epochs timed after a warm-up epoch "
+             f"(AAND: after its stage 1 and stage 2's first epoch); "
              f"one process per cell on {os.cpu_count()} CPU cores, nothing else running.", "",
              "| model | precision | threads | workers | train images/s | validation s/epoch | s/step | frozen s/batch | "
              "trainable s/batch | limit images/s | step / limit |", "|---|---|---|---|---|---|---|---|---|---|---|"]
