@@ -14,14 +14,18 @@ per model (:data:`VARIANTS`), image score = map maximum unless the model has its
 - DSKD: the fused map (Eq. 8) against each student's standardised map alone.
 
 It shows which part of a model finds real defects, after training on normal images and synthetic anomalies only,
-and (second table) on which defect type (test folder) each map gains or loses. Writes ``OUT.json`` and ``OUT.md``;
+and (second table) on which defect type (test folder) each map gains or loses. ``--peers patchcore,padim`` also fits
+each named anomalib peer on the first run's data, encoder and image size and scores it the same way (row
+``CATEGORY/PEER``), so a model's loss to a peer can be traced to defect types. Writes ``OUT.json`` and ``OUT.md``;
 runs already in ``OUT.json`` are kept.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,7 +37,8 @@ from distillad.components import upsampled_sum
 from distillad.data import one_pass
 from distillad.metrics import auroc
 from distillad.models.base import image_score
-from distillad.pipeline import Predictions, build_datamodule, evaluate, load_model
+from distillad.peers import run_peer
+from distillad.pipeline import Predictions, RunConfig, build_datamodule, evaluate, load_model
 
 METRICS = ("image_AUROC", "pixel_AUROC", "pixel_AUPRO")
 
@@ -95,15 +100,16 @@ VARIANTS: dict[str, Callable[..., dict[str, InferenceBatch | torch.Tensor]]] = {
 
 
 @torch.no_grad()
-def variant_metrics(run_dir: Path) -> dict[str, dict]:
-    lightning_module, config = load_model(run_dir)
+def scored_variants(config: RunConfig, model_inputs: Callable[[torch.Tensor], torch.Tensor],
+                    variants: Callable[[torch.Tensor], dict[str, InferenceBatch | torch.Tensor]]) -> dict[str, dict]:
+    """Metrics of each map ``variants(model_inputs(images))`` returns, over the test split of ``config``'s data."""
     datamodule = build_datamodule(config, test_limit=config.test_limit)
     datamodule.setup()
     scored: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     paths, labels, masks = [], [], []
     for batch in one_pass(datamodule.test_dataloader(), "scoring"):
-        images = lightning_module.model_inputs(batch.image)
-        for name, output in VARIANTS[config.model](lightning_module.model, images).items():
+        images = model_inputs(batch.image)
+        for name, output in variants(images).items():
             pair = ((output.pred_score, output.anomaly_map) if isinstance(output, InferenceBatch)
                     else (image_score(output), output))
             scored.setdefault(name, []).append(pair)
@@ -117,6 +123,20 @@ def variant_metrics(run_dir: Path) -> dict[str, dict]:
         metrics = evaluate(predictions, threshold=float("inf"))
         results[name] = {key: metrics[key] for key in METRICS} | {"by_type": by_defect_type(predictions)}
     return results
+
+
+def variant_metrics(run_dir: Path) -> dict[str, dict]:
+    lightning_module, config = load_model(run_dir)
+    return scored_variants(config, lightning_module.model_inputs,
+                           lambda images: VARIANTS[config.model](lightning_module.model, images))
+
+
+def peer_metrics(run_dir: Path, peer: str) -> dict[str, dict]:
+    """Peer ``peer`` fitted on the data, encoder and image size of ``run_dir`` and scored like its model."""
+    config = dataclasses.replace(RunConfig.load(run_dir), model=peer, model_options={})
+    with tempfile.TemporaryDirectory() as scratch:  # run_peer's files (metrics, scores) are not wanted here
+        _, model = run_peer(config, Path(scratch), config.train_limit, config.test_limit)
+    return scored_variants(config, lambda images: images, lambda images: {"model output": model(images)})
 
 
 def by_defect_type(predictions: Predictions) -> dict[str, dict[str, float]]:
@@ -134,12 +154,15 @@ def by_defect_type(predictions: Predictions) -> dict[str, dict[str, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", type=Path, nargs="+")
+    parser.add_argument("--peers", default="", help="comma-separated anomalib peers fitted on the first run's data")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "map_variants")
     args = parser.parse_args()
     # Runs already in OUT.json stay (a run given again is rescored), so one run can be added to a table at a time.
     rows_file = args.out.with_suffix(".json")
     rows = json.loads(rows_file.read_text()) if rows_file.is_file() else {}
     rows.update({str(run): variant_metrics(run) for run in args.runs})
+    rows.update({str(args.runs[0].parent / peer): peer_metrics(args.runs[0], peer)
+                 for peer in filter(None, args.peers.split(","))})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows_file.write_text(json.dumps(rows, indent=2))
     lines = ["# Trained maps taken apart", "", "Test split of each run; I-AUROC / P-AUROC / AUPRO in %.", "",
