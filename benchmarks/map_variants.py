@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from distillad.components import upsampled_sum
 from distillad.data import one_pass
 from distillad.metrics import auroc
 from distillad.models.base import image_score
-from distillad.peers import run_peer
+from distillad.peers import fit_peer
 from distillad.pipeline import Predictions, RunConfig, build_datamodule, evaluate, load_model
 
 METRICS = ("image_AUROC", "pixel_AUROC", "pixel_AUPRO")
@@ -134,8 +133,7 @@ def variant_metrics(run_dir: Path) -> dict[str, dict]:
 def peer_metrics(run_dir: Path, peer: str) -> dict[str, dict]:
     """Peer ``peer`` fitted on the data, encoder and image size of ``run_dir`` and scored like its model."""
     config = dataclasses.replace(RunConfig.load(run_dir), model=peer, model_options={})
-    with tempfile.TemporaryDirectory() as scratch:  # run_peer's files (metrics, scores) are not wanted here
-        _, model = run_peer(config, Path(scratch), config.train_limit, config.test_limit)
+    model, _, _ = fit_peer(config, config.train_limit, config.test_limit)
     return scored_variants(config, lambda images: images, lambda images: {"model output": model(images)})
 
 

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import MethodType
+from typing import Any
 
 import timm
 import torch
@@ -147,17 +148,16 @@ def _padim(backbone: str, training_patches: int) -> nn.Module:
 PEERS: dict[str, Callable[[str, int], nn.Module]] = {"patchcore": _patchcore, "padim": _padim}
 
 
-def run_peer(config, run_dir: Path, train_limit: int | None = None,
-             test_limit: int | None = None) -> tuple[dict, PeerModel]:
-    """Fit peer ``config.model`` on ``config``'s data and test it like :func:`distillad.pipeline.fit`; writes
-    ``config.json``, ``metrics.json``, ``test_scores.csv`` and ``curves.json`` into ``run_dir``. Returns the
-    metrics and the fitted model."""
-    from distillad.pipeline import build_datamodule, calibrate_run, test, versions
+def fit_peer(config, train_limit: int | None = None, test_limit: int | None = None) -> tuple[PeerModel, Any, float]:
+    """Peer ``config.model`` fitted in one pass over the training images of ``config``'s data, under its seed.
+
+    Returns the model in eval mode (gradients off), the set-up datamodule and the seconds of the fit: the pass
+    over the training images and anomalib's ``fit``.
+    """
+    from distillad.pipeline import build_datamodule
 
     if config.model not in PEERS:
         raise DistilladError(f"unknown peer '{config.model}'; choose from {', '.join(sorted(PEERS))}")
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(config.seed, workers=True, verbose=False)
     datamodule = build_datamodule(config, train_limit, test_limit)
     datamodule.setup()
@@ -176,8 +176,19 @@ def run_peer(config, run_dir: Path, train_limit: int | None = None,
             anomalib_model.model(transform(batch.image))
     _return_large_blocks_to_the_system()
     anomalib_model.fit()
-    train_seconds = time.perf_counter() - started
+    return model.eval(), datamodule, time.perf_counter() - started
 
+
+def run_peer(config, run_dir: Path, train_limit: int | None = None,
+             test_limit: int | None = None) -> tuple[dict, PeerModel]:
+    """Fit peer ``config.model`` on ``config``'s data (:func:`fit_peer`) and test it like
+    :func:`distillad.pipeline.fit`; writes ``config.json``, ``metrics.json``, ``test_scores.csv`` and
+    ``curves.json`` into ``run_dir``. Returns the metrics and the fitted model."""
+    from distillad.pipeline import calibrate_run, test, versions
+
+    model, datamodule, train_seconds = fit_peer(config, train_limit, test_limit)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     scorer = _Scorer(model)
     calibrate_run(scorer, config, datamodule)
     config.test_limit = test_limit
@@ -186,7 +197,7 @@ def run_peer(config, run_dir: Path, train_limit: int | None = None,
     metrics = test(run_dir, model=scorer, config=config, datamodule=datamodule, heatmaps=False)
     metrics.update({"train_seconds": train_seconds, "train_steps": 0})
     write_json(run_dir / "metrics.json", metrics)
-    return metrics, model.eval()
+    return metrics, model
 
 
 class _Scorer(nn.Module):
