@@ -5,6 +5,7 @@
     python benchmarks/train_speed.py --quick --out /tmp/speed           # a check that it runs (64 px, 2 steps an epoch)
     python benchmarks/train_speed.py --models dmdd --threads 2 --num-workers 0,2   # synthesis in the step / in workers
     python benchmarks/train_speed.py --models dmdd --precisions 32 --option bf16_frozen_passes=True
+    python benchmarks/train_speed.py --precisions 32 --threads 2 --epochs 2 --profile   # + where the step's time goes
 
 Each cell runs in its own process with ``torch.set_num_threads(threads)``: Lightning's ``Trainer`` trains the
 model for ``--epochs`` epochs on ``--images`` training images of ``--root/--category`` (batch ``--batch-size``,
@@ -18,7 +19,8 @@ precision: the frozen passes that remain once the teacher features of the traini
 (:class:`~distillad.components.FrozenFeatureCache`: DMDD's teacher on the anomalous twins, in the student step
 and in the MSN epoch, and the MSN epoch's no-grad student pass; AAND's fixed RAA modules; none for RD and
 DSKD) and the trainable passes (forward + backward of what trains, losses included). ``step / limit``
-close to 1 means nothing but compute is left.
+close to 1 means nothing but compute is left. ``--profile`` runs those parts once more under ``torch.profiler`` and
+reports each operator group's share of their CPU time (:data:`OP_GROUPS`).
 
 The script uses only APIs that also exist before the speed work (``RunConfig``, ``build_model``,
 ``build_datamodule``), so ``PYTHONPATH=OLD_CHECKOUT/src`` measures an older version (``--no-limits``).
@@ -40,6 +42,16 @@ from pathlib import Path
 import torch
 
 MODELS = ("rd", "dmdd", "dskd", "aand")
+#: Operator groups of the profile, first match wins: a group's keywords are searched in the operator's name.
+OP_GROUPS = {
+    "convolution": ("conv",),
+    "batch norm": ("batch_norm",),
+    "activation": ("hardtanh", "relu", "silu", "sigmoid", "gelu"),
+    "matrix multiply": ("aten::mm", "bmm", "addmm", "matmul", "linear"),
+    "softmax": ("softmax",),
+    "copy and pad": ("copy_", "fill_", "pad", "aten::cat", "clone", "contiguous"),
+    "elementwise and reductions": ("aten::",),
+}
 
 
 def _option(text: str) -> tuple[str, object]:
@@ -97,6 +109,20 @@ def step_parts(module, images: torch.Tensor, paths: list[str]) -> dict[str, floa
         frozen = 0.0
         trainable = _timed(lambda: module.loss(teacher, model.decoder(model.bottleneck(teacher))).backward())
     return {"frozen_s": frozen, "trainable_s": trainable}
+
+
+def op_shares(call: Callable[[], object]) -> dict[str, float]:
+    """Share of the CPU time of ``call`` spent in each operator group of :data:`OP_GROUPS` (the rest: ``other``)."""
+    from torch.profiler import profile
+
+    with profile() as profiler:
+        call()
+    seconds = dict.fromkeys([*OP_GROUPS, "other"], 0.0)
+    for event in profiler.key_averages():
+        group = next((g for g, keys in OP_GROUPS.items() if any(k in event.key for k in keys)), "other")
+        seconds[group] += event.self_cpu_time_total
+    total = sum(seconds.values())
+    return {group: value / total for group, value in seconds.items()}
 
 
 def _mvtec_kind() -> str:
@@ -188,8 +214,11 @@ def run_cell(args: argparse.Namespace, model_name: str, precision: str, threads:
         batch = next(iter(datamodule.train_dataloader()))
         inputs = module.model_inputs(batch.image)
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+        paths = [str(p) for p in batch.image_path]
         with autocast:
-            parts = step_parts(module, inputs, [str(p) for p in batch.image_path])
+            parts = step_parts(module, inputs, paths)
+            if args.profile:
+                result["op_shares"] = op_shares(lambda: step_parts(module, inputs, paths))
         limit = parts["frozen_s"] + parts["trainable_s"]
         result.update({**parts, "limit_images_per_s": len(inputs) / limit,
                        "seconds_per_step": (seconds - validation_seconds)
@@ -233,6 +262,15 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
               "trainable). train images/s counts everything an epoch does, the per-epoch synthetic validation included; s/step "
               "and step / limit leave that validation out (it scores the held-out images once an epoch, whatever the "
               "number of steps, so it weighs most on small datasets: here 2 steps an epoch)."]
+    profiled = [row for row in rows if "op_shares" in row]
+    if profiled:
+        groups = [*OP_GROUPS, "other"]
+        lines += ["", "## Where the step's time goes", "",
+                  "Share (%) of the CPU time of the frozen and trainable passes above (each run 3 times), by operator "
+                  "group (`torch.profiler`, self time).", "",
+                  f"| model | precision | threads | {' | '.join(groups)} |", "|---|---|---|" + "---|" * len(groups)]
+        lines += [f"| {row['model']} | {row['precision']} | {row['threads']} | "
+                  + " | ".join(f"{100 * row['op_shares'][g]:.1f}" for g in groups) + " |" for row in profiled]
     return "\n".join(lines) + "\n"
 
 
@@ -252,6 +290,7 @@ def main() -> None:
     parser.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                         help="model option for every cell, repeatable (e.g. bf16_frozen_passes=True)")
     parser.add_argument("--no-limits", action="store_true", help="skip timing the parts (for older versions)")
+    parser.add_argument("--profile", action="store_true", help="also break the step's passes down by operator group")
     parser.add_argument("--label", default="after")
     parser.add_argument("--quick", action="store_true", help="64 px, 10 images, batch 4: a check that it runs")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "train_speed")
