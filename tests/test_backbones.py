@@ -121,7 +121,8 @@ def test_stages_equal_timm_features_only(name: str, use_file: bool, resnet18_wei
     assert encoder.channels == [f.shape[1] for f in reference]
     for feature, expected, stride in zip(features, reference, (4, 8, 16, 32)):
         assert feature.shape[-2:] == (64 // stride, 96 // stride)
-        torch.testing.assert_close(feature, expected, rtol=1e-4, atol=1e-5)
+        # BatchNorm folded into the convolutions (distillad.folding) rounds differently: ~1e-6 of the scale
+        torch.testing.assert_close(feature, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
 
 
 def test_encoder_normalises_with_timm_statistics() -> None:

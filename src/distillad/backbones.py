@@ -2,7 +2,9 @@
 
 Every method in distillad sees an encoder as four stages with strides 4, 8, 16 and 32. DMDD needs the
 stages as separate modules (its student is a copy of the teacher with a split after each stage), and
-RD-style methods need the per-stage features; :class:`StagedEncoder` serves both.
+RD-style methods need the per-stage features; :class:`StagedEncoder` serves both. Each BatchNorm runs folded
+into the convolution before it whenever its statistics are frozen (:mod:`distillad.folding`): always in a
+teacher, and in DMDD's student, which keeps the teacher's statistics.
 
 Weights are resolved in this order and never silently replaced by a random initialisation:
 
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 
 from distillad.errors import DistilladError
+from distillad.folding import fold_batchnorms
 
 STAGE_REDUCTIONS = (4, 8, 16, 32)
 
@@ -269,5 +272,7 @@ def create_encoder(name: str = "tf_efficientnet_lite0", pretrained: bool = True,
     model = create_classifier(name, pretrained, weights, download)
     stages, info = split_into_stages(model, model.feature_info)
     config = model.pretrained_cfg
-    return StagedEncoder(stages, info, name, mean=tuple(config["mean"]), std=tuple(config["std"]))
+    encoder = StagedEncoder(stages, info, name, mean=tuple(config["mean"]), std=tuple(config["std"]))
+    fold_batchnorms(encoder, torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)))
+    return encoder
 
