@@ -169,6 +169,10 @@ def run_cell(args: argparse.Namespace, model_name: str, precision: str, threads:
     import warnings
 
     warnings.filterwarnings("ignore")
+    if importlib.util.find_spec("distillad.memory"):  # as the command line does; older versions had malloc's defaults
+        from distillad.memory import retain_freed_memory
+
+        retain_freed_memory()
     torch.set_num_threads(threads)
     from lightning.pytorch import Callback, Trainer, seed_everything
 

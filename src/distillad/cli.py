@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 from distillad.errors import DistilladError
+from distillad.memory import retain_freed_memory
 from distillad.runtime import MODEL_FILES as EXPORT_FORMATS
 from distillad.training import ACCELERATORS, PRECISIONS, STRATEGIES
 
@@ -405,6 +406,7 @@ def main() -> None:
     """Console entry point: one-line errors instead of tracebacks for user mistakes."""
     # Deprecation notices inside timm and anomalib are for their developers, not for our users.
     warnings.filterwarnings("ignore", category=FutureWarning)
+    retain_freed_memory()
     try:
         sys.exit(run())
     except DistilladError as error:
