@@ -41,8 +41,19 @@ print(faults, resident() - start, resource.getrusage(resource.RUSAGE_SELF).ru_ma
 """
 
 
+#: Calls retain_freed_memory, then runs the steps (its first argument) in a new process with malloc's defaults.
+PARENT = """
+import subprocess, sys
+from distillad.memory import retain_freed_memory
+
+retain_freed_memory()
+print(subprocess.run([sys.executable, "-c", sys.argv[1], "default"], capture_output=True, text=True).stdout)
+"""
+
+
 def _last_step(mode: str) -> tuple[int, int, int] | None:
-    output = subprocess.run([sys.executable, "-c", STEPS, mode], capture_output=True, text=True, check=True).stdout
+    command = [sys.executable, "-c", PARENT, STEPS] if mode == "child" else [sys.executable, "-c", STEPS, mode]
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     return None if output.strip() == "unsupported" else tuple(int(word) for word in output.split())
 
 
@@ -60,6 +71,15 @@ def test_freed_tensor_pages_are_reused_instead_of_faulted_in_again() -> None:
     assert faults < default_faults / 10
     # The process keeps about its peak (1.18x measured), not a heap that grows by a step's memory every step.
     assert growth < 1.5 * default_peak
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's (Linux)")
+def test_processes_started_afterwards_retain_freed_memory_too() -> None:
+    if _last_step("retain") is None:
+        pytest.skip("this C library has no mallopt (not glibc)")
+    child_faults, _, _ = _last_step("child")
+    default_faults, _, _ = _last_step("default")
+    assert child_faults < default_faults / 10  # benchmark cells and DDP ranks are such processes
 
 
 def test_the_command_line_retains_freed_memory(monkeypatch: pytest.MonkeyPatch) -> None:
