@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -53,7 +54,9 @@ print(subprocess.run([sys.executable, "-c", sys.argv[1], "default"], capture_out
 
 def _last_step(mode: str) -> tuple[int, int, int] | None:
     command = [sys.executable, "-c", PARENT, STEPS] if mode == "child" else [sys.executable, "-c", STEPS, mode]
-    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    # Tests that run the command line in this process have set malloc's variables here; "default" means without them.
+    environment = {name: value for name, value in os.environ.items() if not name.startswith("MALLOC_")}
+    output = subprocess.run(command, capture_output=True, text=True, check=True, env=environment).stdout
     return None if output.strip() == "unsupported" else tuple(int(word) for word in output.split())
 
 
