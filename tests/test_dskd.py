@@ -329,6 +329,10 @@ def test_score_map_is_the_gaussian_free_sum_of_standardised_student_maps() -> No
     summed = [sum(up(m, size=(32, 32), mode="bilinear") for m in maps) for maps in (local, glob)]
     expected = (summed[0] - 0.3) / 2.0 + (summed[1] + 1.0) / 0.5  # Eq. 8
     torch.testing.assert_close(output.anomaly_map, expected)
+    with torch.no_grad():
+        per_student = model.standardized_maps(images)
+    torch.testing.assert_close(per_student["local"], (summed[0] - 0.3) / 2.0)
+    torch.testing.assert_close(per_student["global"], (summed[1] + 1.0) / 0.5)
     torch.testing.assert_close(output.pred_score, expected.flatten(1).amax(1))
 
     model.blur = GaussianSmoothing(4.0)  # the default width: the fused map is smoothed before the maximum

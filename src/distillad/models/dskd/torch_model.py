@@ -257,16 +257,19 @@ class DSKDModel(nn.Module):
         self, images: torch.Tensor,
     ) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]] | InferenceBatch:
         """Training: teacher features and student reconstructions; evaluation: Eq. 8's map and score."""
-        teacher, students = self._features(images)
         if self.training:
-            return teacher, students
+            return self._features(images)
+        anomaly_map = self.blur(sum(self.standardized_maps(images).values()))
+        return InferenceBatch(pred_score=image_score(anomaly_map), anomaly_map=anomaly_map)
+
+    def standardized_maps(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per student, (M - mu) / sigma of Eq. 8 (before the Gaussian); the anomaly map is their blurred sum."""
         tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
         if not tracing and not self.standardized:
             msg = ("DSKD's Eq. 8 statistics (mu, sigma) are not fitted, so its scores would be on no common scale; "
                    "train it with a Lightning Trainer (they are fitted at the end of fit) or call fit_standardization "
                    "with normal images")
             raise RuntimeError(msg)
+        teacher, students = self._features(images)
         summed = self.summed_maps(teacher, students, images.shape[-2:])
-        fused = sum((summed[name] - self.students[name].map_mean) / self.students[name].map_std for name in summed)
-        anomaly_map = self.blur(fused)
-        return InferenceBatch(pred_score=image_score(anomaly_map), anomaly_map=anomaly_map)
+        return {name: (summed[name] - self.students[name].map_mean) / self.students[name].map_std for name in summed}
