@@ -23,18 +23,21 @@ from distillad import pipeline
 from distillad.models.base import image_score
 
 
-class OneMap(nn.Module):
-    """A DSKD model whose output is one student's standardised map (or the fused sum), blurred."""
+class EveryMap(nn.Module):
+    """A DSKD model whose output holds, per channel, one combination of its students' standardised maps, blurred:
+    each student alone, then (with two students) their sum, the model's own map."""
 
-    def __init__(self, dskd: nn.Module, students: tuple[str, ...]) -> None:
+    def __init__(self, dskd: nn.Module) -> None:
         super().__init__()
         self.dskd = dskd
-        self.students = students
+        names = tuple(dskd.students)
+        self.combinations = [(name,) for name in names] + ([names] if len(names) > 1 else [])
 
     def forward(self, images: torch.Tensor) -> InferenceBatch:
         maps = self.dskd.standardized_maps(images)
-        anomaly_map = self.dskd.blur(sum(maps[name] for name in self.students))
-        return InferenceBatch(pred_score=image_score(anomaly_map), anomaly_map=anomaly_map)
+        blurred = [self.dskd.blur(sum(maps[name] for name in students)) for students in self.combinations]
+        return InferenceBatch(pred_score=torch.stack([image_score(m) for m in blurred], dim=1),
+                              anomaly_map=torch.cat(blurred, dim=1))
 
 
 class Scored(nn.Module):
@@ -47,18 +50,20 @@ class Scored(nn.Module):
 
 
 def score_run(run_dir: Path) -> list[dict]:
+    """One pass over the run's test split; the metrics of each combination of student maps."""
     module, config = pipeline.load_model(run_dir)
     datamodule = pipeline.build_datamodule(config, test_limit=config.test_limit)
     datamodule.setup()
-    names = tuple(module.model.students)
-    rows = []
+    every_map = EveryMap(module.model)
     with torch.no_grad():
-        for students in [(name,) for name in names] + ([names] if len(names) > 1 else []):
-            predictions = pipeline.collect(Scored(module, OneMap(module.model, students)),
-                                           datamodule.test_dataloader(), "+".join(students))
-            metrics = pipeline.evaluate(predictions, threshold=float("inf"))
-            rows.append({"run": str(run_dir), "category": config.data.get("category"), "maps": "+".join(students),
-                         **{key: metrics.get(key) for key in ("image_AUROC", "pixel_AUROC", "pixel_AUPRO")}})
+        predictions = pipeline.collect(Scored(module, every_map), datamodule.test_dataloader(), "testing")
+    rows = []
+    for index, students in enumerate(every_map.combinations):
+        one = pipeline.Predictions(predictions.paths, predictions.scores[:, index],
+                                   predictions.maps[:, index:index + 1], predictions.labels, predictions.masks)
+        metrics = pipeline.evaluate(one, threshold=float("inf"))
+        rows.append({"run": str(run_dir), "category": config.data.get("category"), "maps": "+".join(students),
+                     **{key: metrics.get(key) for key in ("image_AUROC", "pixel_AUROC", "pixel_AUPRO")}})
     return rows
 
 
