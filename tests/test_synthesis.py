@@ -400,7 +400,11 @@ def test_batch_textures_never_come_from_the_image_being_corrupted() -> None:
     synthesizer(images)
     assert len(synthesizer.textures.pools) == 4
     for index, pool in enumerate(synthesizer.textures.pools):
-        assert len(pool) == 3 and not any(torch.equal(other, images[index]) for other in pool)
+        others = [image for position, image in enumerate(images) if position != index]
+        assert len(pool) == 3 and all(torch.equal(a, b) for a, b in zip(pool, others, strict=True))
+        assert torch.equal(pool[-1], others[-1])
+        with pytest.raises(IndexError):
+            pool[3]
 
 
 def test_whole_image_share_counts_foregrounds_that_fell_back() -> None:

