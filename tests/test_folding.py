@@ -50,12 +50,16 @@ def test_gradients_reach_convolution_and_batchnorm_parameters_as_before(monkeypa
     for encoder in (folded, plain):
         encoder.eval().requires_grad_(True)
         sum(f.square().mean() for f in encoder(images)).backward()
-    first_block = "stages.0.3.0"
-    for suffix in ("conv_pw.weight", "bn1.weight", "bn1.bias", "conv_dw.weight", "bn2.weight"):
-        name = f"{first_block}.{suffix}"
+    names = [f"stages.0.3.0.{suffix}" for suffix in ("conv_pw.weight", "bn1.weight", "bn1.bias", "conv_dw.weight",
+                                                     "bn2.weight")]
+    names += ["stages.1.0.1.conv_dw.weight", "stages.1.0.1.bn2.bias"]  # 5x5 depthwise: the grouped weight gradient
+    for name in names:
         grad, expected = folded.get_parameter(name).grad, plain.get_parameter(name).grad
         assert expected.abs().max() > 0
         torch.testing.assert_close(grad, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()))
+    depthwise_5x5 = folded.get_submodule("stages.1.0.1.conv_dw")
+    output = depthwise_5x5(torch.rand(1, depthwise_5x5.in_channels, 8, 8))
+    assert type(output.grad_fn).__name__ == "_DepthwiseConv2dBackward"
 
 
 @pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "resnet18"])  # timm's BatchNormAct2d, nn.BatchNorm2d

@@ -13,15 +13,19 @@ less time without those passes.
 :func:`fold_batchnorms` finds the pairs by running a probe image: a BatchNorm is folded into the convolution
 whose output tensor it receives. It then checks the folded encoder against the original on that probe and
 undoes the folding if they differ (a convolution output that something else also reads).
-In training mode a folded BatchNorm falls back to its own batch-statistics pass.
+In training mode a folded BatchNorm falls back to its own batch-statistics pass. A folded depthwise convolution
+with a kernel larger than 3x3 and stride 1 computes its weight gradient as a grouped convolution
+(:mod:`distillad.convolution`), and a folded TensorFlow-"same" convolution pads only the strips that need it in passes
+without gradient.
 """
 
 from __future__ import annotations
 
 import torch
 from timm.layers import BatchNormAct2d, Conv2dSame
-from timm.layers.conv2d_same import conv2d_same
 from torch import nn
+
+from distillad.convolution import depthwise_conv2d, same_padded_conv2d, takes_grouped_gradient
 
 
 class _FoldedConvolution:
@@ -46,6 +50,8 @@ class FoldedConv2d(_FoldedConvolution, nn.Conv2d):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not self.folding_active():
             return super().forward(input)
+        if takes_grouped_gradient(self):
+            return depthwise_conv2d(input, *self.folded_weight_and_bias(), self.padding)
         return self._conv_forward(input, *self.folded_weight_and_bias())
 
 
@@ -55,7 +61,7 @@ class FoldedConv2dSame(_FoldedConvolution, Conv2dSame):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.folding_active():
             return super().forward(x)
-        return conv2d_same(x, *self.folded_weight_and_bias(), self.stride, self.padding, self.dilation, self.groups)
+        return same_padded_conv2d(x, *self.folded_weight_and_bias(), self.stride, self.dilation, self.groups)
 
 
 class FoldedBatchNorm2d(nn.BatchNorm2d):
