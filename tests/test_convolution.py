@@ -53,11 +53,14 @@ def test_symmetric_same_padding_is_one_convolution_also_under_autograd(size: tup
 @pytest.mark.parametrize(("channels", "out_channels", "groups", "size", "grad"),
                          [(3, 32, 1, (16, 16), False),  # a stem: its input is smaller than its output
                           (8, 8, 8, (16, 16), True),  # gradients: the strips' backward would cost more
-                          (8, 8, 8, (16, 17), False)])  # one dimension symmetric, the other not
+                          (8, 8, 8, (16, 17), False),  # one dimension symmetric, the other not
+                          (8, 8, 8, (16, 16), None)])  # traced for export: the runtime folds the pad
 def test_other_cases_fall_back_to_timm(channels: int, out_channels: int, groups: int, size: tuple[int, int],
-                                       grad: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+                                       grad: bool | None, monkeypatch: pytest.MonkeyPatch) -> None:
     images, weight, bias = _inputs(channels, out_channels, groups, 3, size, True)
-    images.requires_grad_(grad)
+    images.requires_grad_(bool(grad))
+    if grad is None:
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     calls = []
 
     def recorded(*args):

@@ -90,7 +90,8 @@ def same_padded_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 
     Takes that path where both dimensions have symmetric padding, or where both have one more pixel after than
     before, the input is larger than the output (a depthwise layer, not a 3-channel stem, whose small input costs
-    less to pad than its output costs to assemble) and no gradient is taken; otherwise it calls ``conv2d_same``.
+    less to pad than its output costs to assemble), no gradient is taken and nothing traces it (``torch.export``
+    and ONNX take the pad, which their runtimes fold into the convolution); otherwise it calls ``conv2d_same``.
     Under autograd the strips would cost more than the pad: the backward of each slice of the input is a zeroed
     tensor of the input's size (forward + backward of the largest layer: 283 ms against 117 ms).
     """
@@ -100,7 +101,8 @@ def same_padded_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     if top == bottom and left == right:
         return F.conv2d(input, weight, bias, stride, (top, left), dilation, groups)
     if ((bottom, right) != (top + 1, left + 1) or input.shape[1] * stride[0] * stride[1] < weight.shape[0]
-            or (torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad))):
+            or (torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad))
+            or torch.compiler.is_compiling()):
         return conv2d_same(input, weight, bias, stride, (0, 0), dilation, groups)
     rows, cols = math.ceil(height / stride[0]), math.ceil(width / stride[1])
     first_row, first_col = (rows - 1) * stride[0] - top, (cols - 1) * stride[1] - left
