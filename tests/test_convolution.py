@@ -107,3 +107,13 @@ def test_without_gradient_the_depthwise_convolution_is_plain() -> None:
         output = depthwise_conv2d(images, weight, bias, (2, 2))
     assert output.grad_fn is None
     assert torch.equal(output, F.conv2d(images, weight, bias, 1, (2, 2), 1, 6))
+
+
+def test_under_autocast_the_output_has_autocast_s_dtype_and_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    images, weight, bias = _inputs(8, 8, 8, 3, (16, 16), True)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = conv2d_same(images, weight, bias, (2, 2), (0, 0), (1, 1), 8)
+        monkeypatch.setattr(convolution, "conv2d_same", None)
+        output = same_padded_conv2d(images, weight, bias, (2, 2), (1, 1), 8)
+    assert output.dtype == expected.dtype == torch.bfloat16
+    assert torch.equal(output, expected)

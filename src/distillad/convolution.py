@@ -106,9 +106,10 @@ def same_padded_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         return conv2d_same(input, weight, bias, stride, (0, 0), dilation, groups)
     rows, cols = math.ceil(height / stride[0]), math.ceil(width / stride[1])
     first_row, first_col = (rows - 1) * stride[0] - top, (cols - 1) * stride[1] - left
-    output = torch.empty(input.shape[0], weight.shape[0], rows, cols, dtype=input.dtype, device=input.device,
+    inner = F.conv2d(input, weight, bias, stride, (top, left), dilation, groups)
+    output = torch.empty(input.shape[0], weight.shape[0], rows, cols, dtype=inner.dtype, device=inner.device,
                          memory_format=torch.channels_last if _channels_last(input) else torch.contiguous_format)
-    output[..., :-1, :-1] = F.conv2d(input, weight, bias, stride, (top, left), dilation, groups)
+    output[..., :-1, :-1] = inner
     last_rows = F.pad(input[..., first_row:, :], (left, right, 0, bottom))
     output[..., -1:, :] = F.conv2d(last_rows, weight, bias, stride, 0, dilation, groups)
     last_cols = F.pad(input[..., first_col:], (0, right, top, bottom))
