@@ -135,3 +135,23 @@ def test_native_bf16_is_read_from_the_cpu_flags() -> None:
     assert cpu_has_native_bf16("processor : 0\nflags : fpu avx512f amx_bf16 amx_tile\n")
     assert cpu_has_native_bf16("flags\t\t: fpu avx512f avx512_bf16\n")
     assert not cpu_has_native_bf16("flags : fpu avx2 avx512f avx512_vnni\n")
+
+
+@pytest.mark.parametrize("model_class", ["rd", "dskd", "aand"])
+def test_the_cached_teacher_runs_in_float32_inside_a_bf16_step(model_class: str) -> None:
+    """Training sees the teacher features that inference compares with (models.base.float32_teacher)."""
+    from distillad.models.aand.torch_model import AANDModel
+    from distillad.models.dskd.torch_model import DSKDModel
+    from distillad.models.rd.torch_model import ReverseDistillationModel
+
+    classes = {"rd": ReverseDistillationModel, "dskd": DSKDModel, "aand": AANDModel}
+    options = {"image_size": (64, 64)} if model_class == "dskd" else {}
+    model = classes[model_class](pretrained=False, **options).train()
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model.encode(images)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            features = model.encode(images)
+    for level, reference in zip(features, expected, strict=True):
+        assert level.dtype == torch.float32
+        torch.testing.assert_close(level, reference, rtol=0, atol=0)

@@ -47,7 +47,7 @@ from distillad.components import (
     block_family,
     upsampled_sum,
 )
-from distillad.models.base import channels_last, frozen, image_score, keep_frozen_in_eval
+from distillad.models.base import channels_last, float32_teacher, frozen, image_score, keep_frozen_in_eval
 
 #: A level patch is anomalous when more than this fraction of its pixels lies in the pseudo-anomaly mask.
 MASK_THRESHOLD = 0.3
@@ -243,7 +243,7 @@ class AANDModel(nn.Module):
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Vanilla teacher features F_T of levels 1-3 for images in [0, 1]."""
-        return self.encoder(images)[:3]
+        return float32_teacher(self.encoder, images)[:3]
 
     def amplify(self, features: list[torch.Tensor],
                 masks: list[torch.Tensor] | None = None) -> list[AmplifiedFeatures]:

@@ -19,7 +19,7 @@ from distillad.components import (
     gaussian_smoothing,
     upsampled_sum,
 )
-from distillad.models.base import channels_last, frozen, image_score, keep_frozen_in_eval
+from distillad.models.base import channels_last, float32_teacher, frozen, image_score, keep_frozen_in_eval
 from distillad.models.dskd.loss import discrepancy_maps
 
 
@@ -208,7 +208,7 @@ class DSKDModel(nn.Module):
 
     def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
         """The frozen teacher's stage 1-3 features F_T^1..3."""
-        return self.encoder(images)[:3]
+        return float32_teacher(self.encoder, images)[:3]
 
     def _features(self, images: torch.Tensor) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]:
         with torch.no_grad():

@@ -10,7 +10,7 @@ from torch import nn
 
 from distillad.backbones import create_encoder
 from distillad.components import FrozenFeatureCache, MirrorDecoder, MultiScaleAnomalyMap, OneClassBottleneck, block_family
-from distillad.models.base import channels_last, frozen, image_score, keep_frozen_in_eval
+from distillad.models.base import channels_last, float32_teacher, frozen, image_score, keep_frozen_in_eval
 
 
 class ReverseDistillationModel(nn.Module):
@@ -45,7 +45,7 @@ class ReverseDistillationModel(nn.Module):
 
     def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
         """The frozen teacher's stage 1-3 features."""
-        return self.encoder(images)[:3]
+        return float32_teacher(self.encoder, images)[:3]
 
     def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]] | InferenceBatch:
         with torch.no_grad():
