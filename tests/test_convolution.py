@@ -54,6 +54,7 @@ def test_symmetric_same_padding_is_one_convolution_also_under_autograd(size: tup
                          [(3, 32, 1, (16, 16), False),  # a stem: its input is smaller than its output
                           (8, 8, 8, (16, 16), True),  # gradients: the strips' backward would cost more
                           (8, 8, 8, (16, 17), False),  # one dimension symmetric, the other not
+                          (8, 8, 8, (2, 2), False),  # a single output row: nothing is left for the inner convolution
                           (8, 8, 8, (16, 16), None)])  # traced for export: the runtime folds the pad
 def test_other_cases_fall_back_to_timm(channels: int, out_channels: int, groups: int, size: tuple[int, int],
                                        grad: bool | None, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -88,23 +88,25 @@ def same_padded_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Te
                        stride: tuple[int, int], dilation: tuple[int, int], groups: int) -> torch.Tensor:
     """timm's ``conv2d_same`` (TensorFlow "same" padding), without padding the whole input (module docstring).
 
-    Takes that path where both dimensions have symmetric padding, or where both have one more pixel after than
-    before, the input is larger than the output (a depthwise layer, not a 3-channel stem, whose small input costs
-    less to pad than its output costs to assemble), no gradient is taken and nothing traces it (``torch.export``
-    and ONNX take the pad, which their runtimes fold into the convolution); otherwise it calls ``conv2d_same``.
-    Under autograd the strips would cost more than the pad: the backward of each slice of the input is a zeroed
-    tensor of the input's size (forward + backward of the largest layer: 283 ms against 117 ms).
+    One convolution where both dimensions have symmetric padding. The strips where both have one more pixel
+    after than before, the output has at least two rows and columns, the input is larger than the output (a
+    depthwise layer, not a 3-channel stem, whose small input costs less to pad than its output costs to
+    assemble), no gradient is taken and nothing traces it (``torch.export`` and ONNX keep the pad, which their
+    runtimes fold into the convolution). ``conv2d_same`` otherwise. Under autograd the strips would cost more
+    than the pad: the backward of each slice of the input is a zeroed tensor of the input's size (forward +
+    backward of the largest layer: 283 ms against 117 ms).
     """
     height, width = input.shape[-2:]
     (top, bottom), (left, right) = (_same_padding(size, kernel, step, spacing) for size, kernel, step, spacing
                                     in zip((height, width), weight.shape[-2:], stride, dilation, strict=True))
     if top == bottom and left == right:
         return F.conv2d(input, weight, bias, stride, (top, left), dilation, groups)
-    if ((bottom, right) != (top + 1, left + 1) or input.shape[1] * stride[0] * stride[1] < weight.shape[0]
+    rows, cols = math.ceil(height / stride[0]), math.ceil(width / stride[1])
+    if ((bottom, right) != (top + 1, left + 1) or min(rows, cols) < 2
+            or input.shape[1] * stride[0] * stride[1] < weight.shape[0]
             or (torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad))
             or torch.compiler.is_compiling()):
         return conv2d_same(input, weight, bias, stride, (0, 0), dilation, groups)
-    rows, cols = math.ceil(height / stride[0]), math.ceil(width / stride[1])
     first_row, first_col = (rows - 1) * stride[0] - top, (cols - 1) * stride[1] - left
     inner = F.conv2d(input, weight, bias, stride, (top, left), dilation, groups)
     output = torch.empty(input.shape[0], weight.shape[0], rows, cols, dtype=inner.dtype, device=inner.device,
