@@ -155,3 +155,17 @@ def test_the_cached_teacher_runs_in_float32_inside_a_bf16_step(model_class: str)
     for level, reference in zip(features, expected, strict=True):
         assert level.dtype == torch.float32
         torch.testing.assert_close(level, reference, rtol=0, atol=0)
+
+
+def test_aand_s_fixed_advanced_teacher_runs_in_float32_inside_a_bf16_step() -> None:
+    from distillad.models.aand.torch_model import AANDModel
+
+    model = AANDModel(pretrained=False).train()
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, _ = model(images)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            amplified, _ = model(images)
+    for level, reference in zip(amplified, expected, strict=True):
+        assert level.dtype == torch.float32
+        torch.testing.assert_close(level, reference, rtol=0, atol=0)

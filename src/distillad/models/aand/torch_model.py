@@ -259,7 +259,9 @@ class AANDModel(nn.Module):
         features = self.teacher_cache(self.encode, images) if self.training else self.encode(images)
         outputs = None
         if self.raa is not None:
-            with torch.no_grad():  # the advanced teacher is fixed after stage 1 (Algorithm 1, line 10)
+            # The advanced teacher is fixed after stage 1 (Algorithm 1, line 10); in float32 like the vanilla one
+            # (models.base.float32_teacher), so that the student learns the features inference compares it with.
+            with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
                 outputs = self.amplify(features)
             features = [output.amplified for output in outputs]
         if self.score == "mrg" and not self.training:
