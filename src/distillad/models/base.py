@@ -246,9 +246,11 @@ def float32_teacher(encoder: nn.Module, images: torch.Tensor) -> list[torch.Tens
 
     Under ``bf16-mixed`` the teacher's features would otherwise be rounded to bfloat16 for training while
     inference, calibration and export compare the student with float32 ones. RD, DSKD and AAND cache these
-    features across epochs, so float32 costs one slower pass per training image. RD on weld (seed 0, 600 steps,
-    Intel Xeon with AMX): float32 88.4 / 87.3 / 58.9 (I-AUROC / P-AUROC / AUPRO), bf16-mixed with a bfloat16
-    teacher 87.6 / 87.2 / 59.1, with this float32 teacher 90.0 / 88.8 / 63.1 (``precision_long.md``).
+    features across epochs, so float32 costs one slower pass per training image. On weld (600 steps, Intel Xeon
+    with AMX; I-AUROC / P-AUROC / AUPRO): RD seed 0 float32 88.4 / 87.3 / 58.9, bf16-mixed with a bfloat16 teacher
+    87.6 / 87.2 / 59.1, with this float32 teacher 90.0 / 88.8 / 63.1. AAND seed 1 float32 91.8 / 85.9 / 53.3,
+    bf16-mixed with the vanilla teacher alone in float32 91.1 / 81.2 / 42.7, with its fixed advanced teacher in
+    float32 too 92.7 / 87.2 / 57.3 (``precision_long.md``).
     """
     with torch.autocast(images.device.type, enabled=False):
         return encoder(images.float())
