@@ -79,7 +79,7 @@ def test_grouped_weight_gradient_equals_the_default_one(with_bias: bool) -> None
     images, weight, bias = _inputs(6, 6, 6, 5, (9, 11), True)
     output_grad = torch.randn(2, 6, 9, 11, generator=torch.Generator().manual_seed(1))
 
-    def gradients(convolve) -> tuple[torch.Tensor, ...]:
+    def gradients(convolve) -> tuple[str, tuple[torch.Tensor, ...]]:
         leaves = [t.clone().requires_grad_(True) for t in (images, weight, bias if with_bias else None)
                   if t is not None]
         output = convolve(*leaves[:2], leaves[2] if with_bias else None)
@@ -88,7 +88,7 @@ def test_grouped_weight_gradient_equals_the_default_one(with_bias: bool) -> None
     path, grouped = gradients(lambda x, w, b: depthwise_conv2d(x, w, b, (2, 2)))
     _, default = gradients(lambda x, w, b: F.conv2d(x, w, b, 1, (2, 2), 1, 6))
     assert path == "_DepthwiseConv2dBackward"
-    assert len(grouped) == 3 if with_bias else 2
+    assert len(grouped) == (3 if with_bias else 2)
     for ours, expected in zip(grouped, default, strict=True):
         torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
 
