@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Trainer
-from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from torchvision.transforms.v2.functional import resize
 
 from distillad.data import read_image
@@ -71,12 +71,29 @@ def test_frozen_passes_use_bfloat16_only_in_float32_training_on_a_native_bf16_cp
     switched_off = make()  # the default (AUPRO fell with it: DMDD's "Frozen passes")
     switched_off.trainer = module.trainer
     assert not autocast_in(switched_off)
-    mixed = make(bf16_frozen_passes=True)
-    mixed.trainer = Trainer(precision="bf16-mixed", accelerator="cpu", logger=False)
-    with torch.autocast("cpu", dtype=torch.float16), mixed.frozen_passes():  # the trainer's own is left as it is
-        assert torch.get_autocast_dtype("cpu") == torch.float16
     monkeypatch.setattr("distillad.models.base.cpu_has_native_bf16", lambda unknown: False)
     assert not autocast_in(module)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_frozen_passes_are_float32_inside_a_mixed_precision_step(precision: str) -> None:
+    """Inference compares the student with float32 teacher features: training must learn from those."""
+    module = make()
+    module.trainer = Trainer(precision=precision, accelerator="cpu", logger=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16), module.frozen_passes():
+        assert not torch.is_autocast_enabled("cpu")
+    model = module.model.train()
+    normal, anomalous, _ = module.synthesizer(real_images(4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        features = model.pair_teacher_features(normal, anomalous, module.frozen_passes())
+        bfloat16 = model.teacher_features(torch.cat([normal, anomalous]))
+    with torch.no_grad():
+        exact = model.teacher(torch.cat([normal, anomalous]))
+    for pair, rounded, reference in zip(features, bfloat16, exact, strict=True):
+        assert pair.dtype == torch.float32
+        # both halves: the normal images' (cached) features and the twins'
+        assert (1 - F.cosine_similarity(pair, reference, dim=1)).max() < 1e-5
+        assert (1 - F.cosine_similarity(rounded.float(), reference, dim=1)).mean() > 1e-4  # what autocast would give
 
 
 def test_training_encodes_only_the_synthetic_twins_in_bfloat16(monkeypatch) -> None:
@@ -87,10 +104,10 @@ def test_training_encodes_only_the_synthetic_twins_in_bfloat16(monkeypatch) -> N
     model = module.model.train()
     normal, anomalous, masks = module.synthesizer(real_images(4))
     encoded = []
-    teacher_features = model.teacher_features
-    monkeypatch.setattr(model, "teacher_features", lambda images: encoded.append(
-        (images, torch.is_autocast_enabled("cpu"))) or teacher_features(images))
+    hook = model.teacher.register_forward_pre_hook(
+        lambda teacher, inputs: encoded.append((inputs[0], torch.is_autocast_enabled("cpu"))))
     module.distillation_losses(normal, anomalous, masks)
+    hook.remove()
     assert [(torch.equal(images, expected), autocast) for (images, autocast), expected
             in zip(encoded, [normal, anomalous], strict=True)] == [(True, False), (True, True)]
     features = model.pair_teacher_features(normal, anomalous, module.frozen_passes())
@@ -246,13 +263,18 @@ def test_training_decreases_both_losses_on_real_images() -> None:
     assert distance_inside_anomaly(1) > inside_before + 0.02
 
 
-def test_msn_epoch_trains_only_the_segmentation_network(monkeypatch) -> None:
+@pytest.mark.parametrize(("precision", "frozen_student_in_autocast"), [("32-true", True), ("bf16-mixed", False)])
+def test_msn_epoch_trains_only_the_segmentation_network(monkeypatch, precision: str,
+                                                        frozen_student_in_autocast: bool) -> None:
+    """The frozen student runs in bfloat16 in float32 training with ``bf16_frozen_passes`` (native-bf16 CPU), and in
+    float32 under bf16-mixed, where the maps the MSN learns from must be the ones inference gives it."""
     monkeypatch.setattr("distillad.models.base.cpu_has_native_bf16", lambda unknown: True)
     module = make(bf16_frozen_passes=True)
     images = real_images(4)
 
     batch = SimpleNamespace(image=images, image_path=[f"image_{i}" for i in range(4)])
-    module._trainer = SimpleNamespace(train_dataloader=[batch], precision_plugin=Precision(), precision="32-true")
+    plugin = Precision() if precision == "32-true" else MixedPrecision(precision, "cpu")
+    module._trainer = SimpleNamespace(train_dataloader=[batch], precision_plugin=plugin, precision=precision)
     module.optimizers = lambda: module.configure_optimizers()
     module.log = lambda *args, **kwargs: None
     student_passes = []
@@ -263,7 +285,7 @@ def test_msn_epoch_trains_only_the_segmentation_network(monkeypatch) -> None:
     module.train_segmentation_epoch()
     changed = {name for name, p in module.model.named_parameters() if not torch.equal(p, before[name])}
     assert changed and all(name.startswith("msn.") for name in changed)
-    assert student_passes == [True]  # the frozen student in bfloat16 (float32 training, native-bf16 CPU)
+    assert student_passes == [frozen_student_in_autocast]
     assert module.model.student.training and all(not bn.training for bn in module.model.student_batchnorms)
 
 

@@ -166,22 +166,29 @@ class DistillationModule:
                 "threshold would be fitted on test images; pass val_split_mode='from_train'",
                 ValSplitMode(self.trainer.datamodule.val_split_mode).value)
 
-    def frozen_pass_autocast(self, enabled: bool = True) -> AbstractContextManager:
-        """bfloat16 autocast for the no-grad passes of a float32 training run on a CPU known to compute bfloat16
-        natively (:func:`~distillad.training.cpu_has_native_bf16`); a null context otherwise (also without a
-        trainer, and under ``bf16-mixed`` / ``16-mixed``, whose autocast already covers every pass).
+    def frozen_pass_precision(self, bf16: bool = False) -> AbstractContextManager:
+        """The precision of a training step's no-grad passes (a frozen teacher, a frozen student's maps).
 
-        Frozen passes are forward-only, where bfloat16 pays most: on 2 AVX512-BF16 cores (Lite0, 256 px, no
-        grad) the teacher encodes 16 images in 0.14 s instead of 0.36 s, and DMDD's student 32 in 0.48 s instead
-        of 0.92 s, with features within 1e-3 of float32 in cosine distance. Distances are taken in float32
-        (:func:`~distillad.components.distance.cosine_distance_map`). Trainable passes, inference and export
-        stay float32.
+        - Under ``bf16-mixed`` / ``16-mixed``: float32 (autocast switched off), the precision inference,
+          calibration and export compare the student in. A model trained on reduced-precision frozen features is
+          scored on float32 ones: RD, DSKD and AAND lost up to 11.2 AUPRO points that way, and recovered with
+          float32 teachers (:func:`float32_teacher`, ``benchmarks/results/precision_long.md``).
+        - In float32 training, with ``bf16`` on a CPU known to compute bfloat16 natively
+          (:func:`~distillad.training.cpu_has_native_bf16`): bfloat16 autocast. Frozen passes are forward-only,
+          where bfloat16 pays most: on 2 AVX512-BF16 cores (Lite0, 256 px, no grad) the teacher encodes 16 images
+          in 0.14 s instead of 0.36 s, and DMDD's student 32 in 0.48 s instead of 0.92 s, with features within
+          1e-3 of float32 in cosine distance. Distances are taken in float32
+          (:func:`~distillad.components.distance.cosine_distance_map`).
+        - Otherwise (also without a trainer) a null context.
         """
         trainer = self._trainer
-        if not (enabled and trainer is not None and self.device.type == "cpu" and trainer.precision == "32-true"
-                and cpu_has_native_bf16(unknown=False)):
+        if trainer is None:
             return nullcontext()
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        if trainer.precision in ("bf16-mixed", "16-mixed"):
+            return torch.autocast(self.device.type, enabled=False)
+        if bf16 and self.device.type == "cpu" and trainer.precision == "32-true" and cpu_has_native_bf16(unknown=False):
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return nullcontext()
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:

@@ -71,12 +71,14 @@ class DMDD(DistillationModule, AnomalibModule):
     Frozen passes. ``bf16_frozen_passes=True`` runs the passes that take no gradient (the teacher on the
     anomalous twins, in the student step and the MSN epoch, and the MSN epoch's frozen student) under bfloat16
     autocast in float32 training on a CPU with native bfloat16
-    (:meth:`~distillad.models.base.DistillationModule.frozen_pass_autocast`); the cached teacher features of
+    (:meth:`~distillad.models.base.DistillationModule.frozen_pass_precision`); the cached teacher features of
     the normal images and every distance stay float32. On 2 AVX512-BF16 cores (mtd, 256 px, batch 16) it cut
     the frozen time from 1.19 to 0.73 s a batch, a step only 8 % (2.70 -> 2.93 images/s), and at equal steps
     (128 px, 100 steps, seeds 0 and 1, ``benchmarks/results/dmdd_frozen_bf16.md``) it lowered AUPRO in all four
     cells (weld -8.5 / -2.6, mtd -8.6 / -6.3 points, where the two float32 seeds differ by 7.1 and 0.3) while
     raising image AUROC: the MSN learns on bfloat16-rounded maps and is scored on float32 ones. So it is off.
+    For the same reason, under ``bf16-mixed`` / ``16-mixed`` these passes and the normal images' teacher features
+    run in float32 (autocast switched off); only the trainable student and the MSN take the mixed precision.
 
     Args:
         backbone: timm encoder (the paper: ``wide_resnet50_2``; default ``tf_efficientnet_lite0`` works offline).
@@ -185,9 +187,9 @@ class DMDD(DistillationModule, AnomalibModule):
         return losses
 
     def frozen_passes(self) -> AbstractContextManager:
-        """The context of the step's no-grad passes: bfloat16 autocast where :meth:`frozen_pass_autocast` allows
-        it and ``bf16_frozen_passes`` is on."""
-        return self.frozen_pass_autocast(self.hparams.bf16_frozen_passes)
+        """The context of the step's no-grad passes (:meth:`frozen_pass_precision`): float32 under a mixed
+        precision, bfloat16 autocast in float32 training where the CPU has it and ``bf16_frozen_passes`` is on."""
+        return self.frozen_pass_precision(self.hparams.bf16_frozen_passes)
 
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """One dual-modeling distillation step (Sec. 3.3) on normal / synthetic-anomalous pairs."""

@@ -44,6 +44,7 @@ from __future__ import annotations
 import copy
 import math
 from contextlib import AbstractContextManager, nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -59,7 +60,7 @@ from distillad.components import (
     gaussian_smoothing,
     upsampled_sum,
 )
-from distillad.models.base import channels_last, frozen, image_score, keep_frozen_in_eval
+from distillad.models.base import channels_last, float32_teacher, frozen, image_score, keep_frozen_in_eval
 
 BRANCHES = {"normality": ("normality",), "abnormality": ("abnormality",), "both": ("normality", "abnormality")}
 # Fig. 4: each branch's (inner, outer) path directions.
@@ -316,9 +317,12 @@ class DMDDModel(nn.Module):
     def pair_teacher_features(self, normal: torch.Tensor, anomalous: torch.Tensor,
                               twins_context: AbstractContextManager | None = None) -> list[torch.Tensor]:
         """Teacher features (float32 or wider) of ``cat([normal, anomalous])``; the normal training images repeat every
-        epoch, so theirs come from :attr:`teacher_cache`, while synthetic twins are never seen twice and are
-        encoded in ``twins_context`` (training passes a bfloat16 autocast where the CPU has it)."""
-        normal_features = self.teacher_cache(self.teacher_features, normal)
+        epoch, so theirs come from :attr:`teacher_cache`, in float32 also inside a mixed-precision step
+        (:func:`~distillad.models.base.float32_teacher`), while synthetic twins are never seen twice and are
+        encoded in ``twins_context`` (training passes
+        :meth:`~distillad.models.base.DistillationModule.frozen_pass_precision`)."""
+        with torch.no_grad():
+            normal_features = self.teacher_cache(partial(float32_teacher, self.teacher), normal)
         with twins_context or nullcontext():
             twin_features = self.teacher_features(anomalous)
         return [torch.cat([n, at_least_float32(t)]) for n, t in zip(normal_features, twin_features)]
