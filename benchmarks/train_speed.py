@@ -82,8 +82,8 @@ def step_parts(module, images: torch.Tensor, paths: list[str]) -> dict[str, floa
     if name == "DMDD":
         normal, anomalous, masks = module.synthesizer(images, keys=paths)
         pair = torch.cat([normal, anomalous])
-        model.teacher_cache(model.teacher_features, normal)
-        frozen_passes = getattr(module, "frozen_passes", nullcontext)  # bfloat16 where the CPU has it
+        no_grad(model.pair_teacher_features)(normal, anomalous)  # fills the cache the way training does (float32)
+        frozen_passes = getattr(module, "frozen_passes", nullcontext)  # the precision training gives these passes
         with frozen_passes():
             frozen = _timed(lambda: model.teacher_features(anomalous))
         trainable = _timed(lambda: sum(module.distillation_losses(normal, anomalous, masks).values()).backward()) - frozen
