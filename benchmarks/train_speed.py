@@ -6,6 +6,8 @@
     python benchmarks/train_speed.py --models dmdd --threads 2 --num-workers 0,2   # synthesis in the step / in workers
     python benchmarks/train_speed.py --models dmdd --precisions 32 --option bf16_frozen_passes=True
     python benchmarks/train_speed.py --precisions 32 --threads 2 --epochs 2 --profile   # + where the step's time goes
+    python benchmarks/train_speed.py --accelerator gpu --models dmdd --precisions 32,16-mixed --threads 4 \
+        --num-workers 0,8 --images 200 --label "one GPU"               # GPU busy with synthesis in the step / in workers
 
 Each cell runs in its own process with ``torch.set_num_threads(threads)``: Lightning's ``Trainer`` trains the
 model for ``--epochs`` epochs on ``--images`` training images of ``--root/--category`` (batch ``--batch-size``,
@@ -34,6 +36,7 @@ import importlib.util
 import json
 import multiprocessing
 import os
+import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -64,13 +67,45 @@ def _names(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
+def _synchronize() -> None:
+    """Wait for queued GPU work, so that a wall-clock time covers it (nothing to wait for on a CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def _timed(call: Callable[[], object], repeats: int = 2) -> float:
     """Seconds of one call after a warm-up call (mean of ``repeats``)."""
     call()
+    _synchronize()
     started = time.perf_counter()
     for _ in range(repeats):
         call()
+    _synchronize()
     return (time.perf_counter() - started) / repeats
+
+
+class GpuBusy:
+    """Mean GPU utilisation while running: NVML's share of each sample period in which a kernel ran, read by a
+    background thread every ``period`` seconds (``torch.cuda.utilization``)."""
+
+    def __init__(self, period: float = 0.1) -> None:
+        self.period = period
+        self.samples: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.period):
+            self.samples.append(torch.cuda.utilization())
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> float:
+        """Stops sampling; returns the mean utilisation in [0, 1]."""
+        self._stop.set()
+        self._thread.join()
+        return sum(self.samples) / (100 * max(len(self.samples), 1))
 
 
 def step_parts(module, images: torch.Tensor, paths: list[str]) -> dict[str, float]:
@@ -166,6 +201,7 @@ def _epochs_to_train(module, timed_epochs: int) -> int:
 
 def run_cell(args: argparse.Namespace, model_name: str, precision: str, threads: int, workers: int = 0) -> dict:
     """Train one model in this process and time its epochs (and its parts, unless ``--no-limits``)."""
+    accelerator = args.accelerator
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -179,12 +215,30 @@ def run_cell(args: argparse.Namespace, model_name: str, precision: str, threads:
     from distillad.pipeline import RunConfig, build_datamodule, build_model
 
     class EpochTimes(Callback):
-        def __init__(self) -> None:
+        """Epoch start times, and from the first timed epoch on the seconds the loop waits for its next batch
+        (from one batch's end, or its epoch's start, to the next batch's start: the DataLoader, with the synthesis
+        that runs in its workers, and the copy to the device) and, on a GPU, its utilisation."""
+
+        def __init__(self, first_timed_epoch: int) -> None:
+            self.first_timed_epoch = first_timed_epoch
             self.starts: list[float] = []
             self.end = 0.0
+            self.loader_wait = 0.0
+            self._ready = 0.0
+            self.gpu_busy = GpuBusy() if accelerator == "gpu" else None
 
         def on_train_epoch_start(self, trainer, pl_module) -> None:
             self.starts.append(time.perf_counter())
+            self._ready = self.starts[-1]
+            if self.gpu_busy is not None and trainer.current_epoch == self.first_timed_epoch:
+                self.gpu_busy.start()
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if trainer.current_epoch >= self.first_timed_epoch:
+                self.loader_wait += time.perf_counter() - self._ready
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self._ready = time.perf_counter()
 
         def on_train_end(self, trainer, pl_module) -> None:
             self.end = time.perf_counter()
@@ -199,9 +253,9 @@ def run_cell(args: argparse.Namespace, model_name: str, precision: str, threads:
     datamodule = build_datamodule(config, train_limit=args.images, test_limit=1)
     datamodule.setup()
     module = build_model(config)
-    timer = EpochTimes()
     epochs = _epochs_to_train(module, timed_epochs)
-    trainer = Trainer(max_epochs=epochs, precision=precision, accelerator="cpu", devices=1, callbacks=[timer],
+    timer = EpochTimes(first_timed_epoch=epochs - timed_epochs)
+    trainer = Trainer(max_epochs=epochs, precision=precision, accelerator=accelerator, devices=1, callbacks=[timer],
                       logger=False, enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0,
                       deterministic="warn", enable_model_summary=False, **module.trainer_arguments)
     trainer.fit(module, datamodule=datamodule)
@@ -213,11 +267,16 @@ def run_cell(args: argparse.Namespace, model_name: str, precision: str, threads:
               "steps_per_epoch": -(-images // args.batch_size), "epochs_timed": timed_epochs,
               "seconds_per_epoch": seconds / timed_epochs,
               "validation_s_per_epoch": validation_seconds / timed_epochs,
-              "images_per_s": images * timed_epochs / seconds}
+              "images_per_s": images * timed_epochs / seconds, "loader_wait_share": timer.loader_wait / seconds}
+    if timer.gpu_busy is not None:
+        result["gpu_busy"] = timer.gpu_busy.stop()
     if not args.no_limits:
+        device = torch.device("cuda" if accelerator == "gpu" else "cpu")
+        module.to(device)  # Lightning hands the module back on the CPU after fit
         batch = next(iter(datamodule.train_dataloader()))
-        inputs = module.model_inputs(batch.image)
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+        inputs = module.model_inputs(batch.image.to(device))
+        autocast = torch.autocast(device.type, dtype=torch.float16 if precision == "16-mixed" else torch.bfloat16,
+                                  enabled=precision != "32")
         paths = [str(p) for p in batch.image_path]
         with autocast:
             parts = step_parts(module, inputs, paths)
@@ -239,25 +298,31 @@ def _cell_process(args: argparse.Namespace, model: str, precision: str, threads:
                    "error": f"{type(error).__name__}: {error}"})
 
 
+def _gpu_name(args: argparse.Namespace) -> str:
+    return f" and one {torch.cuda.get_device_name()}" if args.accelerator == "gpu" else ""
+
+
 def markdown(rows: list[dict], args: argparse.Namespace) -> str:
     lines = [f"# Training speed ({args.label})", "",
              f"{args.category} from {args.root}, tf_efficientnet_lite0, {args.image_size} px, batch {args.batch_size}, "
              f"{rows[0].get('train_images', '?')} training images, the last {args.epochs - 1} epochs timed after a warm-up epoch "
              f"(AAND: after its stage 1 and stage 2's first epoch); "
-             f"one process per cell on {os.cpu_count()} CPU cores, nothing else running.", "",
-             "| model | precision | threads | workers | train images/s | validation s/epoch | s/step | frozen s/batch | "
-             "trainable s/batch | limit images/s | step / limit |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"one process per cell on {os.cpu_count()} CPU cores{_gpu_name(args)}, nothing else running.", "",
+             "| model | precision | threads | workers | train images/s | loader wait % | GPU busy % | validation s/epoch | "
+             "s/step | frozen s/batch | trainable s/batch | limit images/s | step / limit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
-    def number(row: dict, key: str, digits: int = 2) -> str:
-        return f"{row[key]:.{digits}f}" if key in row else "-"
+    def number(row: dict, key: str, digits: int = 2, scale: float = 1) -> str:
+        return f"{scale * row[key]:.{digits}f}" if key in row else "-"
 
     for row in rows:
         if "error" in row:
             lines.append(f"| {row['model']} | {row['precision']} | {row['threads']} | {row.get('workers', 0)} | "
-                         f"failed: {row['error']} ||||||| ")
+                         f"failed: {row['error']} ||||||||| ")
             continue
         lines.append(f"| {row['model']} | {row['precision']} | {row['threads']} | {row.get('workers', 0)} | "
-                     f"{number(row, 'images_per_s')} | {number(row, 'validation_s_per_epoch')} | "
+                     f"{number(row, 'images_per_s')} | {number(row, 'loader_wait_share', 1, 100)} | "
+                     f"{number(row, 'gpu_busy', 1, 100)} | {number(row, 'validation_s_per_epoch')} | "
                      f"{number(row, 'seconds_per_step')} | {number(row, 'frozen_s')} | {number(row, 'trainable_s')} | "
                      f"{number(row, 'limit_images_per_s')} | {number(row, 'step_over_limit')} |")
     lines += ["", "frozen / trainable: one batch's no-grad passes left after the teacher-feature cache / forward + "
@@ -265,7 +330,9 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
               "are frozen, the distillation and MSN steps trainable; AAND: stage 2). limit = batch / (frozen + "
               "trainable). train images/s counts everything an epoch does, the per-epoch synthetic validation included; s/step "
               "and step / limit leave that validation out (it scores the held-out images once an epoch, whatever the "
-              "number of steps, so it weighs most on small datasets: here 2 steps an epoch)."]
+              "number of steps, so it weighs most on small datasets: here 2 steps an epoch). loader wait: share of "
+              "the timed epochs the loop spent waiting for its next batch (DataLoader, synthesis in its workers, copy "
+              "to the device); GPU busy: NVML's utilisation over the timed epochs, sampled every 0.1 s."]
     profiled = [row for row in rows if "op_shares" in row]
     if profiled:
         groups = [*OP_GROUPS, "other"]
@@ -293,6 +360,8 @@ def main() -> None:
                         help="DataLoader workers per cell (comma-separated: one cell each); they run the synthesis")
     parser.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                         help="model option for every cell, repeatable (e.g. bf16_frozen_passes=True)")
+    parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu",
+                        help="where to train (gpu: one CUDA device; also reports its utilisation)")
     parser.add_argument("--no-limits", action="store_true", help="skip timing the parts (for older versions)")
     parser.add_argument("--profile", action="store_true", help="also break the step's passes down by operator group")
     parser.add_argument("--label", default="after")
