@@ -201,7 +201,6 @@ def _epochs_to_train(module, timed_epochs: int) -> int:
 
 def run_cell(args: argparse.Namespace, model_name: str, precision: str, threads: int, workers: int = 0) -> dict:
     """Train one model in this process and time its epochs (and its parts, unless ``--no-limits``)."""
-    accelerator = args.accelerator
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -210,6 +209,7 @@ def run_cell(args: argparse.Namespace, model_name: str, precision: str, threads:
 
         retain_freed_memory()
     torch.set_num_threads(threads)
+    accelerator = args.accelerator
     from lightning.pytorch import Callback, Trainer, seed_everything
 
     from distillad.pipeline import RunConfig, build_datamodule, build_model
